@@ -1,0 +1,1 @@
+"""llamabox convert: Hugging Face Llama checkpoints to GGUF, quantization, and the model store."""

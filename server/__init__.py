@@ -1,0 +1,1 @@
+"""llamabox server: the `predict` HTTP contract, and the CLI."""
