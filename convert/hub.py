@@ -1,0 +1,528 @@
+"""Download Llama 2 checkpoints and GGUF files from the Hugging Face Hub.
+
+Everything goes through `huggingface_hub` (developed against 2.4.0):
+
+* the repo is listed once with `HfApi.model_info` at the requested revision, which pins the commit;
+* only the files a conversion needs (`select_files`) are fetched with `hf_hub_download`, pinned to
+  that commit, into a plain folder (`local_dir=dest`: real files, no cache symlinks);
+* the Hub endpoint is `HF_ENDPOINT`, the token is the explicit one or else whatever huggingface_hub
+  finds (`HF_TOKEN`, then the `hf auth login` token file);
+* `HF_HUB_OFFLINE` makes this module use only what an earlier download left in `dest`;
+* huggingface_hub's own progress bars are shown (silence them with `HF_HUB_DISABLE_PROGRESS_BARS=1`).
+
+Resuming: within one call, huggingface_hub re-requests a broken transfer with `Range: bytes=N-`
+(up to 5 times in a row without progress). Across calls, finished files are kept and skipped
+(their commit is recorded next to them); a file that was cut off starts over, because
+huggingface_hub >= 2.x downloads into a per-process temporary file that it deletes on failure.
+
+Errors are classified by exception type, never by message text, into `runtime.errors`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    FileMetadataError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
+
+from runtime.errors import (
+    DownloadError,
+    GatedRepoError,
+    IntegrityError,
+    InvalidParameter,
+    UnsupportedArchitecture,
+)
+
+__all__ = [
+    "MODEL_REPOS",
+    "MANIFEST_NAME",
+    "select_files",
+    "download_checkpoint",
+    "download_gguf",
+    "parse_gguf_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+# Short model names llamabox knows, and the Hub repos they come from.
+MODEL_REPOS = {
+    "llamav2-7b": "meta-llama/Llama-2-7b-hf",
+    "llamav2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+}
+
+# Written into `dest` once every selected file is there: what was downloaded, from which commit.
+MANIFEST_NAME = ".llamabox-download.json"
+
+# Tokenizer / config files a conversion reads, taken when the repo has them.
+_METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+)
+# Without these a repo cannot be converted (llama.cpp's converter needs a config and the SentencePiece model).
+_REQUIRED_FILES = ("config.json", "tokenizer.model")
+
+# Weight file names as transformers writes them (`model{suffix}.safetensors`,
+# `pytorch_model{suffix}.bin`); llama.cpp's convert_hf_to_gguf.py looks for the same prefixes.
+_SAFETENSORS_PATTERN = "model*.safetensors"
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_BIN_PATTERN = "pytorch_model*.bin"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?"
+_REPO_ID_RE = re.compile(rf"^{_NAME_PART}/{_NAME_PART}$")
+_FILE_PART_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of the HTTP library huggingface_hub uses (connection refused, timeouts, ...).
+
+    huggingface_hub lets them through unwrapped. 2.x uses httpx2; older releases used httpx or requests.
+    """
+    errors: list[type[BaseException]] = []
+    for module_name, attr in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        error = getattr(module, attr, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            errors.append(error)
+    return tuple(errors)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+# Everything `_translate` knows how to turn into a llamabox error.
+_HUB_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, FileMetadataError, OSError) + (
+    _TRANSPORT_ERRORS
+)
+
+
+# --------------------------------------------------------------------------------------------
+# File selection
+# --------------------------------------------------------------------------------------------
+
+
+def select_files(filenames: list[str]) -> list[str]:
+    """The files of a Hub repo listing that a Llama conversion needs, sorted.
+
+    Config and tokenizer files (config.json, generation_config.json, tokenizer.model,
+    tokenizer_config.json, special_tokens_map.json, tokenizer.json) when present, and the weights:
+    `model*.safetensors` (+ model.safetensors.index.json) when the repo has any, else
+    `pytorch_model*.bin` (+ pytorch_model.bin.index.json). Only top-level files: never anything in a
+    folder (`original/consolidated.00.pth`), never `*.gguf`, `*.pth`, READMEs or licences.
+    """
+    top_level = {name for name in filenames if name and "/" not in name and "\\" not in name}
+    selected = {name for name in _METADATA_FILES if name in top_level}
+    safetensors = {name for name in top_level if fnmatch.fnmatchcase(name, _SAFETENSORS_PATTERN)}
+    if safetensors:
+        selected |= safetensors
+        if _SAFETENSORS_INDEX in top_level:
+            selected.add(_SAFETENSORS_INDEX)
+    else:
+        selected |= {name for name in top_level if fnmatch.fnmatchcase(name, _BIN_PATTERN)}
+        if _BIN_INDEX in top_level and any(fnmatch.fnmatchcase(n, _BIN_PATTERN) for n in selected):
+            selected.add(_BIN_INDEX)
+    return sorted(selected)
+
+
+def _missing_for_conversion(selected: list[str]) -> list[str]:
+    missing = [name for name in _REQUIRED_FILES if name not in selected]
+    if not any(
+        fnmatch.fnmatchcase(name, _SAFETENSORS_PATTERN) or fnmatch.fnmatchcase(name, _BIN_PATTERN)
+        for name in selected
+    ):
+        missing.append(f"weights ({_SAFETENSORS_PATTERN} or {_BIN_PATTERN})")
+    return missing
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_repo_id(repo_id: object, field: str) -> str:
+    if (
+        not isinstance(repo_id, str)
+        or not _REPO_ID_RE.match(repo_id)
+        or ".." in repo_id
+        or "--" in repo_id
+    ):
+        raise InvalidParameter(field, f"{repo_id!r} is not a Hub repo id of the form 'owner/name'")
+    return repo_id
+
+
+def _validate_revision(revision: object) -> str | None:
+    if revision is None:
+        return None
+    if (
+        not isinstance(revision, str)
+        or not revision
+        or len(revision) > 255
+        or any(ch.isspace() or ord(ch) < 32 for ch in revision)
+        or ".." in revision
+    ):
+        raise InvalidParameter("revision", f"{revision!r} is not a valid git revision")
+    return revision
+
+
+def _endpoint() -> str:
+    """HF_ENDPOINT as it is now (huggingface_hub itself only reads it at import time)."""
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as it is now, or as huggingface_hub saw it at import time."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return constants.is_offline_mode() or (value is not None and value.upper() in constants.ENV_VARS_TRUE_VALUES)
+
+
+def _login_hint() -> str:
+    return "log in with `hf auth login` or set the HF_TOKEN environment variable to a read token"
+
+
+def _gated_error(repo_id: str, status: int | None, cause: BaseException) -> GatedRepoError:
+    status_text = f" (HTTP {status})" if status else ""
+    server = getattr(cause, "server_message", None)
+    detail = f" The Hub said: {server.strip()}" if isinstance(server, str) and server.strip() else ""
+    return GatedRepoError(
+        f"Access to the Hugging Face repo {repo_id} was refused{status_text}: it is gated or private. "
+        f"Accept the licence on https://huggingface.co/{repo_id} with your Hugging Face account, "
+        f"then {_login_hint()}.{detail}"
+    )
+
+
+def _translate(exc: BaseException, repo_id: str, revision: str | None, what: str) -> Exception:
+    """Map a huggingface_hub / transport exception to a llamabox error, by type."""
+    rev = revision or "main"
+    if isinstance(exc, HfGatedRepoError):  # before RepositoryNotFoundError, its base class
+        return _gated_error(repo_id, _status(exc), exc)
+    if isinstance(exc, RepositoryNotFoundError):
+        return DownloadError(
+            f"Hugging Face repo {repo_id} was not found (HTTP {_status(exc)}). Check the name; if it is "
+            f"private or gated, accept its licence on https://huggingface.co/{repo_id} and {_login_hint()}."
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return DownloadError(f"Revision {rev!r} does not exist in Hugging Face repo {repo_id}.")
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return DownloadError(f"{what} is not in Hugging Face repo {repo_id} at revision {rev!r}.")
+    if isinstance(exc, DisabledRepoError):
+        return DownloadError(f"Hugging Face repo {repo_id} has been disabled.")
+    if isinstance(exc, HfHubHTTPError):
+        status = _status(exc)
+        if status in (401, 403):
+            return _gated_error(repo_id, status, exc)
+        return DownloadError(
+            f"The Hugging Face Hub ({_endpoint()}) answered HTTP {status} while fetching {what} "
+            f"from {repo_id}; try again later."
+        )
+    if isinstance(exc, OfflineModeIsEnabled):
+        return DownloadError(
+            f"HF_HUB_OFFLINE is set, so {what} from {repo_id} cannot be fetched and it is not "
+            "available locally; unset HF_HUB_OFFLINE to download it."
+        )
+    if isinstance(exc, LocalEntryNotFoundError):
+        cause = exc.__cause__ or exc.__context__
+        reason = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return DownloadError(
+            f"Could not reach the Hugging Face Hub at {_endpoint()} to fetch {what} from {repo_id}, "
+            f"and it is not available locally{reason}. Check the network connection "
+            "(and HF_ENDPOINT / proxy settings)."
+        )
+    if isinstance(exc, FileMetadataError):
+        return DownloadError(
+            f"{_endpoint()} does not answer like a Hugging Face Hub while fetching {what} from "
+            f"{repo_id}: {exc}"
+        )
+    if _TRANSPORT_ERRORS and isinstance(exc, _TRANSPORT_ERRORS):
+        return DownloadError(
+            f"Network error while fetching {what} from Hugging Face repo {repo_id} at "
+            f"{_endpoint()}: {type(exc).__name__}: {exc or 'no details'}. Check the network connection "
+            "and try again; finished files are kept."
+        )
+    if isinstance(exc, OSError):
+        return DownloadError(f"Could not download {what} from {repo_id}: {exc}")
+    return DownloadError(f"Could not download {what} from {repo_id}: {type(exc).__name__}: {exc}")
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _sibling_size(sibling) -> int | None:
+    lfs = getattr(sibling, "lfs", None)
+    size = lfs.size if lfs is not None else getattr(sibling, "size", None)
+    return size if isinstance(size, int) else None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _read_manifest(dest: Path) -> dict | None:
+    try:
+        data = json.loads((dest / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return None
+    return data
+
+
+def _write_manifest(dest: Path, manifest: dict) -> None:
+    tmp = dest / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, dest / MANIFEST_NAME)
+
+
+def _manifest_complete(dest: Path, manifest: dict) -> bool:
+    for name, size in manifest["files"].items():
+        path = dest / name
+        if not path.is_file() or (isinstance(size, int) and path.stat().st_size != size):
+            return False
+    return True
+
+
+def _offline_checkpoint(repo_id: str, dest: Path, revision: str | None) -> tuple[Path, str]:
+    wanted = revision or "main"
+    manifest = _read_manifest(dest)
+    if (
+        manifest is not None
+        and manifest.get("repo_id") == repo_id
+        and wanted in (manifest.get("revision"), manifest.get("commit"))
+        and isinstance(manifest.get("commit"), str)
+        and _manifest_complete(dest, manifest)
+    ):
+        logger.info("HF_HUB_OFFLINE: using %s@%s already in %s", repo_id, manifest["commit"], dest)
+        return dest, manifest["commit"]
+    raise DownloadError(
+        f"HF_HUB_OFFLINE is set and {repo_id} (revision {wanted!r}) has not been completely "
+        f"downloaded to {dest} yet. Unset HF_HUB_OFFLINE and run the download once with network access."
+    )
+
+
+def download_checkpoint(
+    repo_id: str, dest: Path, revision: str | None = None, token: str | None = None
+) -> tuple[Path, str]:
+    """Download the files of a Llama checkpoint that a conversion needs into `dest`.
+
+    Lists `repo_id` at `revision` (default: the main branch), downloads `select_files(...)` of it,
+    pinned to the listed commit, and returns `(dest, commit_sha)`. Files already downloaded from that
+    commit are skipped. With HF_HUB_OFFLINE set, nothing is requested: the earlier download in `dest`
+    is returned, or DownloadError is raised.
+
+    Raises GatedRepoError (licence not accepted / not logged in), DownloadError (missing repo,
+    revision or file, network failure), UnsupportedArchitecture (the repo has no config.json,
+    tokenizer.model or weights), InvalidParameter (bad repo id or revision).
+    """
+    repo_id = _validate_repo_id(repo_id, "repo_id")
+    revision = _validate_revision(revision)
+    dest = Path(dest).expanduser().resolve()
+
+    if _offline():
+        return _offline_checkpoint(repo_id, dest, revision)
+
+    endpoint = _endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except _HUB_ERRORS as exc:
+        error = _translate(exc, repo_id, revision, "the file list")
+        if isinstance(error, DownloadError) and not isinstance(error, GatedRepoError):
+            manifest = _read_manifest(dest)
+            if manifest is not None and manifest.get("repo_id") == repo_id:
+                error = DownloadError(f"{error} (an earlier download is in {dest}: set HF_HUB_OFFLINE=1 to use it)")
+        raise error from exc
+
+    commit = info.sha
+    if not isinstance(commit, str) or not commit:
+        raise DownloadError(f"The Hub at {endpoint} gave no commit for {repo_id} at revision {revision or 'main'!r}.")
+    siblings = {s.rfilename: s for s in (info.siblings or [])}
+    selected = select_files(list(siblings))
+    missing = _missing_for_conversion(selected)
+    if missing:
+        raise UnsupportedArchitecture(
+            f"{repo_id}@{commit[:12]} is not a Hugging Face Llama checkpoint llamabox can convert: "
+            f"missing {', '.join(missing)}."
+        )
+
+    sizes = {name: _sibling_size(siblings[name]) for name in selected}
+    total = sum(size for size in sizes.values() if isinstance(size, int))
+    logger.info(
+        "Downloading %d files (%.2f GB) of %s@%s into %s", len(selected), total / 1e9, repo_id, commit[:12], dest
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest(dest)
+    if previous is not None and (previous.get("repo_id"), previous.get("commit")) != (repo_id, commit):
+        # Files are about to be replaced: the old record must not vouch for a half-updated folder.
+        (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in selected:
+        try:
+            local = hf_hub_download(
+                repo_id,
+                name,
+                revision=commit,
+                local_dir=dest,
+                token=token,
+                endpoint=endpoint,
+            )
+        except _HUB_ERRORS as exc:
+            raise _translate(exc, repo_id, revision, name) from exc
+        local_path = Path(local)
+        expected = sizes[name]
+        if isinstance(expected, int) and local_path.stat().st_size != expected:
+            raise IntegrityError(
+                f"{name} from {repo_id}@{commit[:12]} is {local_path.stat().st_size} bytes, "
+                f"the Hub lists {expected}."
+            )
+
+    _write_manifest(
+        dest,
+        {
+            "repo_id": repo_id,
+            "revision": revision or "main",
+            "commit": commit,
+            "endpoint": endpoint,
+            "files": {name: (dest / name).stat().st_size for name in selected},
+        },
+    )
+    logger.info("Downloaded %s@%s into %s", repo_id, commit[:12], dest)
+    return dest, commit
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------------
+
+
+def parse_gguf_spec(spec: str) -> tuple[str, str]:
+    """Split and validate 'owner/name:file.gguf' into (repo_id, filename); InvalidParameter('gguf')."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise InvalidParameter("gguf", f"{spec!r} is not of the form 'owner/name:file.gguf'")
+    repo_id, filename = spec.split(":")
+    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise InvalidParameter("gguf", f"{repo_id!r} in {spec!r} is not a Hub repo id of the form 'owner/name'")
+    if not filename.endswith(".gguf") or filename == ".gguf":
+        raise InvalidParameter("gguf", f"{filename!r} in {spec!r} is not a .gguf file")
+    parts = filename.split("/")
+    if (
+        filename.startswith("/")
+        or "\\" in filename
+        or any(part in ("", ".", "..") or not _FILE_PART_RE.match(part) for part in parts)
+    ):
+        raise InvalidParameter("gguf", f"{filename!r} in {spec!r} is not a plain relative file path in the repo")
+    return repo_id, filename
+
+
+def download_gguf(spec: str, dest_dir: Path, token: str | None = None) -> tuple[Path, str]:
+    """Download one GGUF file, 'owner/name:file.gguf', into `dest_dir` and verify its sha256.
+
+    The expected sha256 is the one the Hub lists for the file (its LFS object id). The file is
+    downloaded into a hidden staging folder inside `dest_dir`, hashed, and only then moved to
+    `dest_dir/<basename>`; on a mismatch (IntegrityError) or any other failure nothing is left in
+    `dest_dir`. A file already at the destination with the right sha256 is not downloaded again.
+    Returns (path, sha256).
+    """
+    repo_id, filename = parse_gguf_spec(spec)
+    dest_dir = Path(dest_dir).expanduser().resolve()
+    basename = filename.rsplit("/", 1)[-1]
+    target = dest_dir / basename
+
+    if _offline():
+        raise DownloadError(
+            f"HF_HUB_OFFLINE is set, so {filename} cannot be fetched from {repo_id}; "
+            "unset HF_HUB_OFFLINE to download it."
+        )
+
+    endpoint = _endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(repo_id, files_metadata=True)
+    except _HUB_ERRORS as exc:
+        raise _translate(exc, repo_id, None, "the file list") from exc
+    commit = info.sha
+    sibling = next((s for s in (info.siblings or []) if s.rfilename == filename), None)
+    if sibling is None:
+        raise DownloadError(f"{filename} is not in Hugging Face repo {repo_id}.")
+    expected = (sibling.lfs.sha256 if sibling.lfs is not None else None) or ""
+    expected = expected.lower()
+    expected_size = _sibling_size(sibling)
+    if not _SHA256_RE.match(expected):
+        raise IntegrityError(
+            f"The Hub lists no sha256 for {filename} in {repo_id} (not an LFS file), so it cannot be verified."
+        )
+
+    if target.is_file() and _sha256_file(target) == expected:
+        logger.info("%s already in %s with the right sha256", basename, dest_dir)
+        return target, expected
+
+    created_dest = not dest_dir.exists()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    staging = dest_dir / f".{basename}.download"
+    try:
+        try:
+            local = Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=commit or None,
+                    local_dir=staging,
+                    token=token,
+                    endpoint=endpoint,
+                )
+            )
+        except _HUB_ERRORS as exc:
+            raise _translate(exc, repo_id, None, filename) from exc
+        actual = _sha256_file(local)
+        if actual != expected:
+            raise IntegrityError(
+                f"{filename} from {repo_id} has sha256 {actual}, but the Hub lists {expected}; "
+                "the download is corrupt and has been deleted."
+            )
+        if isinstance(expected_size, int) and local.stat().st_size != expected_size:
+            raise IntegrityError(
+                f"{filename} from {repo_id} is {local.stat().st_size} bytes, the Hub lists {expected_size}."
+            )
+        os.replace(local, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_dest:
+            try:
+                dest_dir.rmdir()
+            except OSError:
+                pass
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Downloaded %s from %s (sha256 %s)", basename, repo_id, expected)
+    return target, expected

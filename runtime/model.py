@@ -1,0 +1,233 @@
+"""One llama.cpp model and context, through llama-cpp-python's low-level C API.
+
+This module and runtime/quantize.py are the only code that imports llama_cpp.
+
+Thread safety: tokenize/piece/is_eog only read the vocabulary and may be called
+from any thread. Everything that touches the context (decode, memory, sampling)
+belongs to the scheduler's single worker thread.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from .errors import BackendError, ModelLoadError
+from .params import GenerationParams
+
+log = logging.getLogger(__name__)
+_cpp_log = logging.getLogger("llama_cpp")
+
+# ggml log levels -> logging levels (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5).
+_GGML_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
+
+
+@llama_cpp.llama_log_callback
+def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp's chatter (INFO) goes to DEBUG so a served model stays quiet by default.
+    msg = text.decode("utf-8", errors="replace").rstrip()
+    if msg:
+        _cpp_log.log(_GGML_LEVELS.get(level, logging.DEBUG), msg)
+
+
+llama_cpp.llama_backend_init()
+llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+
+# Seeds are uint32; 0xFFFFFFFF is LLAMA_DEFAULT_SEED, which llama.cpp turns into a random seed.
+MAX_SEED = 0xFFFFFFFE
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    n_ctx: int = 4096          # KV cells shared by all sequences (kv_unified), in tokens
+    n_threads: int = 0         # 0 = every core llama.cpp's default picks (os.cpu_count())
+    n_gpu_layers: int = 0      # layers offloaded to Metal/CUDA; -1 = all; needs a GPU build
+    n_batch: int = 512         # prompt tokens per llama_decode call
+    n_seq_max: int = 12        # llama.cpp sequence ids: parallel slots + prefix-cache slots
+
+
+def backend_name() -> str:
+    """'CUDA', 'Metal', 'Vulkan', ... when this llama.cpp build can offload, else 'CPU'."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    for name in ("CUDA", "Metal", "Vulkan", "SYCL", "HIP", "ROCm", "OpenCL"):
+        if name in info:
+            return name
+    return "GPU"
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse files that are not GGUF before handing them to llama.cpp (cheap: 4 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+
+
+class LlamaModel:
+    """A loaded GGUF: weights, one llama.cpp context, and its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike[str], config: LoadConfig):
+        self.path = Path(path)
+        self.config = config
+        self.backend = backend_name()
+        if config.n_gpu_layers != 0 and self.backend == "CPU":
+            raise BackendError(
+                f"--gpu-layers {config.n_gpu_layers} was asked, but this llama-cpp-python build is CPU-only "
+                "(llama_supports_gpu_offload() is false). Use --gpu-layers 0, or reinstall llama-cpp-python "
+                "with CMAKE_ARGS='-DGGML_CUDA=on' (or -DGGML_METAL=on)."
+            )
+        check_gguf_header(self.path)
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: malformed or unsupported GGUF (see the log)")
+        self._ctx = None
+        self._batch = None
+        try:
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+            self.bos = llama_cpp.llama_vocab_bos(self._vocab)
+            self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = config.n_ctx
+            cparams.n_batch = config.n_batch
+            cparams.n_ubatch = config.n_batch
+            cparams.n_seq_max = config.n_seq_max
+            cparams.kv_unified = True  # all sequences share one pool of n_ctx cells (prefix sharing is free)
+            n_threads = config.n_threads or (os.cpu_count() or 1)
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise ModelLoadError(f"llama.cpp could not create a context of {config.n_ctx} tokens for {self.path}")
+            self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+            self.n_threads = n_threads
+            self._mem = llama_cpp.llama_get_memory(self._ctx)
+            self.batch_capacity = max(config.n_batch, config.n_seq_max)
+            self._batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
+        except BaseException:
+            self.close()
+            raise
+        if self.n_ctx > self.n_ctx_train:
+            log.warning("context %d is longer than the %d tokens %s was trained on", self.n_ctx, self.n_ctx_train, self.path.name)
+
+    # --- vocabulary (any thread) -------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        """Token ids of `text`. Special-token text ("</s>") is never parsed into control tokens."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 2
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, False)
+        if n < 0:  # buffer too small: -n is the count needed
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, False)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for (SentencePiece's '▁' becomes a space; no lstrip)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # --- context (worker thread only) --------------------------------------------
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """Evaluate one batch. entries: (token, position, seq_id, want_logits); at most batch_capacity."""
+        b = self._batch
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} ({len(entries)} tokens)")
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def clear_memory(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def new_sampler(self, params: GenerationParams, seed: int, history: list[int]) -> "Sampler":
+        return Sampler(self, params, seed, history)
+
+    def sample(self, sampler: "Sampler", batch_index: int) -> int:
+        """Sample (and accept) one token from the logits at batch_index of the last decode."""
+        return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, batch_index)
+
+    def logits(self, batch_index: int) -> list[float]:
+        """The raw logits row at batch_index of the last decode (tests compare them to a reference)."""
+        row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        return row[: self.n_vocab]
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+class Sampler:
+    """One llama.cpp sampler chain: one per sequence, each with its own seed.
+
+    Order follows Hugging Face's generate(): repetition penalty, temperature,
+    top-k, top-p, then a draw. Temperature 0 replaces the last four with argmax.
+    """
+
+    def __init__(self, model: LlamaModel, params: GenerationParams, seed: int, history: list[int]):
+        lc = llama_cpp
+        self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.repetition_penalty != 1.0:
+            # The window is the whole context, and the prompt's tokens are fed in below,
+            # so a token seen anywhere in prompt or output is penalised, as in HF.
+            lc.llama_sampler_chain_add(
+                self.chain, lc.llama_sampler_init_penalties(model.n_vocab, model.n_ctx, params.repetition_penalty, 0.0, 0.0)
+            )
+            for tok in history:
+                lc.llama_sampler_accept(self.chain, tok)
+        if params.temperature == 0.0:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_greedy())
+            return
+        lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_temp(params.temperature))
+        if params.top_k > 0:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_k(params.top_k))
+        if 0.0 < params.top_p < 1.0:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+        lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_dist(seed))
+
+    def free(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
