@@ -50,8 +50,8 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
-    """tokens, scores, token types from tokenizer.model, padded to n_vocab."""
+def read_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
+    """tokens, scores, token types from tokenizer.model, padded to n_vocab; and its special ids."""
     from sentencepiece import SentencePieceProcessor
 
     path = folder / "tokenizer.model"
@@ -94,7 +94,8 @@ def read_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], li
             tokens[i] = str(tok["content"]).encode("utf-8")
             scores[i] = -1000.0
             types[i] = T.CONTROL if tok.get("special") else T.USER_DEFINED
-    return tokens, scores, [int(t) for t in types]
+    specials = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    return tokens, scores, [int(t) for t in types], {k: v for k, v in specials.items() if 0 <= v < n_vocab}
 
 
 def _plan(cfg: LlamaConfig, refs: dict[str, TensorRef], out_dtype) -> list[tuple[str, TensorRef, type]]:
@@ -155,7 +156,7 @@ def export_gguf(
         raise ConversionError(f"outtype must be one of {', '.join(OUT_TYPES)}, got {outtype!r}")
     t0 = time.monotonic()
     cfg = read_config(src)
-    tokens, scores, types = read_vocab(src, cfg.n_vocab)
+    tokens, scores, types, sp_specials = read_vocab(src, cfg.n_vocab)
     refs = index_tensors(src)
     out_dtype, ftype = OUT_TYPES[outtype]
     plan = _plan(cfg, refs, out_dtype)
@@ -183,8 +184,12 @@ def export_gguf(
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    # bos/eos/unk/pad ids, add_bos/add_eos and the chat template, from the HF tokenizer files.
-    gguf.SpecialVocab(src, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w)
+    # bos/eos/unk/pad ids, add_bos/add_eos and the chat template, from the HF tokenizer files;
+    # ids the HF files leave out come from the SentencePiece model itself.
+    special = gguf.SpecialVocab(src, load_merges=False, n_vocab=len(tokens))
+    for kind, tid in sp_specials.items():
+        special.special_token_ids.setdefault(kind, tid)
+    special.add_to_gguf(w)
 
     n_params = 0
     for gname, ref, dtype in plan:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -98,15 +99,15 @@ _HASH_CHUNK = 8 * 1024 * 1024
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """Exception types of the HTTP library huggingface_hub uses (connection refused, timeouts, ...).
 
-    huggingface_hub lets them through unwrapped. 2.x uses httpx2; older releases used httpx or requests.
+    huggingface_hub lets them through unwrapped: httpx2.HTTPError in 2.x, httpx.HTTPError in 1.x.
     """
     errors: list[type[BaseException]] = []
-    for module_name, attr in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+    for module_name in ("httpx2", "httpx"):
         try:
-            module = __import__(module_name)
+            module = importlib.import_module(module_name)
         except ImportError:
             continue
-        error = getattr(module, attr, None)
+        error = getattr(module, "HTTPError", None)
         if isinstance(error, type) and issubclass(error, BaseException):
             errors.append(error)
     return tuple(errors)

@@ -10,9 +10,9 @@ It speaks the part of the Hub protocol that `huggingface_hub` (developed against
   files, ``lfs: {size, sha256, pointerSize}``.
 * ``HEAD``/``GET /{owner}/{name}/resolve/{rev}/{path}``: always ``X-Repo-Commit``. A regular git
   file answers 200 with ``ETag: "<git blob sha1>"`` and ``Content-Length``. An LFS file answers like
-  the real Hub does: a 302 to a second "CDN" server (another port on 127.0.0.1, hence another origin,
-  so huggingface_hub neither follows the HEAD redirect nor forwards the Authorization header there)
-  carrying ``X-Linked-Etag: "<sha256>"`` and ``X-Linked-Size``.
+  the real Hub does: a 302 to a second "CDN" server (127.0.0.1 too, but addressed as ``localhost`` on
+  another port: another host, so huggingface_hub neither follows the HEAD redirect nor forwards the
+  Authorization header there) carrying ``X-Linked-Etag: "<sha256>"`` and ``X-Linked-Size``.
 * ``GET /cdn-lfs/{owner}/{name}/{sha256}`` on the CDN server: the LFS content, with HTTP ranges
   (``Range: bytes=N-`` / ``bytes=N-M`` answer 206 with ``Content-Range``; 416 when unsatisfiable).
 
@@ -397,7 +397,9 @@ class FakeHub:
             self._servers.append(server)
             self._threads.append(thread)
         self.url = "http://127.0.0.1:%d" % self._servers[0].server_address[1]
-        self.cdn_url = "http://127.0.0.1:%d" % self._servers[1].server_address[1]
+        # The CDN gets another host name, as on the real Hub (cdn-lfs.hf.co): huggingface_hub 1.x
+        # compares host names only, 2.x whole origins; either way this is "off the Hub".
+        self.cdn_url = "http://localhost:%d" % self._servers[1].server_address[1]
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,333 @@
+"""The `llamabox` command. The only place that prints, and the only place that exits.
+
+Library errors (runtime.errors) become one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound
+
+DEMO_ID = "llamabox-tiny"
+GET_LLAMA2 = "llamabox pull llamav2-7b-chat"
+
+log = logging.getLogger("llamabox")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one readable line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _die(message: str, code: int = 1) -> int:
+    print(f"llamabox: error: {message}", file=sys.stderr)
+    return code
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in ("runtime", "convert", "server", "llamabox"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("llama_cpp").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+# --- model resolution -------------------------------------------------------------
+
+def resolve_model(ref: str | None, store) -> tuple[Path, str, bool]:
+    """(path, model id, is_demo) for --model: a GGUF path, a store id, or None for the built-in demo."""
+    if ref is None:
+        ref = DEMO_ID
+    p = Path(ref).expanduser()
+    if ref.endswith(".gguf") or os.sep in ref:
+        if not p.is_file():
+            raise ModelNotFound(f"no model file at {p}")
+        from convert.pipeline import model_id_for
+
+        return p, model_id_for(Path(p.stem.split(".")[0])), False
+    mf = store.resolve(ref)
+    if mf.builtin:
+        # Shipped inside the package: check it is the file we built before trusting it.
+        problems = store.verify(mf.model_id)
+        if problems:
+            raise LlamaboxError(f"the built-in model is damaged ({'; '.join(problems)}); reinstall llamabox")
+    return mf.path, mf.model_id, mf.model_id == DEMO_ID
+
+
+def _load_runtime(path: Path, model_id: str, args) -> "object":
+    from runtime import load
+
+    return load(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, model_id=model_id,
+                n_parallel=getattr(args, "parallel", 4), queue_size=getattr(args, "queue_size", 16))
+
+
+# --- commands ---------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    import waitress
+
+    from convert.store import Store
+    from server.app import create_app, set_runtime
+    from server.settings import Settings, read_api_keys
+
+    settings = Settings(
+        model=args.model, host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
+        insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
+        n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
+    )
+    settings.check()
+    path, model_id, demo = resolve_model(settings.model, Store())
+    app = create_app(settings)
+    server = waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.http_threads,
+                                    max_request_body_size=settings.max_body_bytes + 1, ident="llamabox")
+    failed: list[str] = []
+
+    def load_in_background():
+        try:
+            set_runtime(app, _load_runtime(path, model_id, args))
+            rt = app.extensions["llamabox"].runtime
+            print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
+                  f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
+        except LlamaboxError as e:
+            failed.append(str(e))
+            set_runtime(app, None, str(e))
+            import _thread
+
+            _thread.interrupt_main()  # stop serving: a server that cannot load its model is no server
+
+    url = f"http://{settings.host}:{server.effective_port}"
+    print(f"llamabox: serving {model_id} from {path}", file=sys.stderr)
+    print(f"llamabox: POST {url}/predict  (or {url}/{model_id}-webhook/predict)", file=sys.stderr)
+    if demo:
+        print(f"llamabox: {DEMO_ID} is a tiny demo model trained by llamabox, not Llama 2. Get Llama 2 with: {GET_LLAMA2}",
+              file=sys.stderr)
+    if not settings.api_keys:
+        if settings.is_loopback:
+            print("llamabox: no API key set (LLAMABOX_API_KEY or --api-key-file): listening on loopback only", file=sys.stderr)
+        else:
+            print("llamabox: WARNING: no API key and --insecure-no-auth: anyone who can reach this port can use it", file=sys.stderr)
+    sys.stderr.flush()
+    threading.Thread(target=load_in_background, name="llamabox-load", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        rt = app.extensions["llamabox"].runtime
+        if rt is not None:
+            rt.close()
+    if failed:
+        return _die(f"could not load {model_id}: {failed[0]}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from convert.store import Store
+    from server.validation import Limits, parse_predict
+
+    body = {"prompt": args.prompt, "max_length": args.max_length, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.stop:
+        body["stop"] = args.stop
+    if args.system is not None:
+        body["system_prompt"] = args.system
+    path, model_id, _ = resolve_model(args.model, Store())
+    prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx, max_sequences=1))
+    rt = _load_runtime(path, model_id, args)
+    try:
+        t0 = time.perf_counter()
+        out = sys.stdout
+        if not args.quiet_prompt:
+            out.write(prompt)
+        result = rt.generate(prompt, params, on_text=lambda _i, text: (out.write(text), out.flush()))
+        dt = time.perf_counter() - t0
+        out.write("\n")
+        c = result.completions[0]
+        print(f"[{c.generated_tokens} tokens in {dt:.2f}s = {c.generated_tokens / dt:.1f} tok/s, prompt {c.prompt_tokens} tokens, "
+              f"finish: {c.finish_reason}, seed {result.seed}]", file=sys.stderr)
+    finally:
+        rt.close()
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from convert.pull import pull
+
+    reports = pull(args.name, quants=args.quant, repo=args.repo, revision=args.revision, gguf=args.gguf,
+                   model_id=args.id, keep_download=args.keep_download)
+    _print_reports(reports)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from convert.pipeline import convert, model_id_for, parse_quants
+    from convert.pull import fetch_source
+    from convert.store import Store
+
+    quants = parse_quants(args.quant)
+    src, source = fetch_source(args.src, revision=args.revision)
+    store = None if args.out else Store()
+    bar = _tqdm_tensors()
+    try:
+        reports = convert(src, quants, store=store, out_dir=Path(args.out) if args.out else None,
+                          model_id=args.id or model_id_for(src), source=source, n_threads=args.threads, progress=bar)
+    finally:
+        bar.close()
+    _print_reports(reports)
+    return 0
+
+
+class _tqdm_tensors:
+    """A progress callback (done, total) drawn as a tqdm bar."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="writing f16 GGUF", unit="tensor")
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_reports(reports) -> None:
+    print(f"{'quant':8} {'size MiB':>10} {'bits/weight':>12} {'seconds':>8}  file")
+    for r in reports:
+        print(f"{r.quant:8} {r.size_bytes / 2**20:10.1f} {r.bits_per_weight:12.2f} {r.seconds:8.1f}  {r.path}")
+
+
+def cmd_list(args) -> int:
+    from convert.store import Store
+
+    files = Store().list()
+    if not files:
+        print("no models yet; `llamabox pull llamav2-7b-chat` fetches Llama 2 7B chat")
+        return 0
+    print(f"{'model':28} {'quant':8} {'size MiB':>10}  sha256")
+    for f in files:
+        print(f"{f.model_id + (' (built-in)' if f.builtin else ''):28} {f.quant:8} {f.size / 2**20:10.1f}  {f.sha256[:16]}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from convert.store import Store
+
+    Store().remove(args.model)
+    print(f"removed {args.model}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from convert.store import Store
+
+    store = Store()
+    ids = [args.model] if args.model else sorted({f.model_id for f in store.list()})
+    bad = 0
+    for model_id in ids:
+        problems = store.verify(model_id)
+        print(f"{model_id}: {'OK' if not problems else 'DAMAGED'}")
+        for p in problems:
+            print(f"  {p}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1 = all; needs a GPU build)")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens, shared by running sequences (default 4096)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="llamabox", description="Llama 2, offline, on your CPU.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging (llama.cpp's too)")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="serve the predict API")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key-file", help="file with one API key per line (also: LLAMABOX_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without an API key")
+    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together (default 4)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 503 (default 16)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a generation is cancelled (default 600)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate from a prompt, printing tokens as they come")
+    _add_model_flags(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-length", default=100)
+    p.add_argument("--temperature", default=1.0)
+    p.add_argument("--top-p", default=1.0)
+    p.add_argument("--top-k", default=50)
+    p.add_argument("--repetition-penalty", default=1.0)
+    p.add_argument("--seed")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--system", help="system prompt (chat models)")
+    p.add_argument("--quiet-prompt", action="store_true", help="print only the completion")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pull", help="download Llama 2 from the Hugging Face Hub, convert and quantize it")
+    p.add_argument("name", help="llamav2-7b or llamav2-7b-chat (or any id, with --repo)")
+    p.add_argument("--quant", default="q4_k_m", help="comma-separated quantization types (default q4_k_m)")
+    p.add_argument("--repo", help="owner/name on the Hub (default: Meta's repo for the name)")
+    p.add_argument("--revision", help="branch, tag or commit")
+    p.add_argument("--gguf", help="owner/name:file.gguf: fetch a prebuilt GGUF instead (sha256-checked)")
+    p.add_argument("--id", help="store id to save as (default: the name)")
+    p.add_argument("--keep-download", action="store_true", help="keep the downloaded checkpoint after converting")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", help="convert a local HF folder (or a Hub repo id) to quantized GGUF")
+    p.add_argument("src")
+    p.add_argument("--quant", default="q4_k_m", help="comma-separated types, e.g. q4_k_m,q8_0 (default q4_k_m)")
+    p.add_argument("--out", help="write the GGUF files into this folder instead of the store")
+    p.add_argument("--id", help="store id (default: from the folder name)")
+    p.add_argument("--revision", help="with a repo id: branch, tag or commit")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_convert)
+
+    sub.add_parser("list", help="models in the store").set_defaults(func=cmd_list)
+    p = sub.add_parser("rm", help="remove a model from the store")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_rm)
+    p = sub.add_parser("verify", help="re-hash model files against their manifest")
+    p.add_argument("model", nargs="?")
+    p.set_defaults(func=cmd_verify)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except InvalidParameter as e:
+        return _die(f"--{e.field.replace('_', '-')}: {e.message}" if e.field not in ("body", "model") else str(e), 2)
+    except LlamaboxError as e:
+        return _die(str(e))
+    except KeyboardInterrupt:
+        return _die("interrupted", 130)
+    except OSError as e:
+        return _die(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

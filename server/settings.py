@@ -1,0 +1,70 @@
+"""Server settings: loaded once (by the CLI, from flags and environment) and passed down."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import InvalidParameter
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None          # store id ("llamav2-7b-chat", "llamav2-7b-chat:q8_0") or GGUF path; None = llamabox-tiny
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()    # accepted Authorization keys; empty = no auth (loopback only)
+    insecure_no_auth: bool = False    # allow a non-loopback bind without a key
+    threads: int = 0                  # llama.cpp threads; 0 = all cores
+    gpu_layers: int = 0               # layers offloaded to Metal/CUDA; -1 = all
+    n_ctx: int = 4096                 # context (KV cells) shared by running sequences, in tokens
+    n_parallel: int = 4               # sequences decoded together; also caps num_return_sequences
+    queue_size: int = 16              # requests waiting beyond the running batch before 503
+    max_body_bytes: int = 1 << 20     # larger request bodies get 413
+    request_timeout_s: float = 600.0  # a generation still running after this is cancelled (504)
+    http_threads: int = 32            # waitress worker threads (requests being read, waiting or answered)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check(self) -> None:
+        """Refuse settings that would expose an unauthenticated server."""
+        if not self.api_keys and not self.is_loopback and not self.insecure_no_auth:
+            raise InvalidParameter(
+                "host",
+                f"binding {self.host} without an API key would expose the model to the network; set LLAMABOX_API_KEY "
+                "or --api-key-file, bind 127.0.0.1, or pass --insecure-no-auth",
+            )
+        if not 0 < self.port < 65536:
+            raise InvalidParameter("port", f"must be between 1 and 65535, got {self.port}")
+        for name in ("n_ctx", "n_parallel", "queue_size", "max_body_bytes", "http_threads"):
+            if getattr(self, name) < 1:
+                raise InvalidParameter(name, f"must be positive, got {getattr(self, name)}")
+
+
+def read_api_keys(key_file: str | None, env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """Keys from LLAMABOX_API_KEY and/or a key file (one key per line, '#' comments)."""
+    env = os.environ if env is None else env
+    keys = []
+    if env.get("LLAMABOX_API_KEY", "").strip():
+        keys.append(env["LLAMABOX_API_KEY"].strip())
+    if key_file:
+        try:
+            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise InvalidParameter("api-key-file", f"cannot read {key_file}: {e.strerror}") from None
+        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not file_keys:
+            raise InvalidParameter("api-key-file", f"{key_file} holds no key")
+        keys += file_keys
+    for k in keys:
+        if len(k) < 8 or any(c.isspace() for c in k):
+            raise InvalidParameter("api-key", "keys must be at least 8 characters with no spaces")
+    return tuple(keys)

@@ -1,0 +1,150 @@
+"""The `predict` request body -> (prompt, GenerationParams), strictly.
+
+Every rejection is an InvalidParameter naming the field, the value and the
+allowed range. Numbers may arrive as JSON numbers or, because the hosted API
+documents `max_length` and `repetition_penalty` as strings, as strings that
+parse exactly ("100", "2.0"); nothing is rounded or clamped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.errors import InvalidParameter
+from runtime.model import MAX_SEED
+from runtime.params import GenerationParams
+
+_INT = re.compile(r"[+-]?\d{1,18}")
+_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 128
+
+
+class MalformedJSON(InvalidParameter):
+    """The body is not JSON; the message says where (line, column)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that depend on the loaded model and the server's settings."""
+    max_new_tokens: int       # the context size: no single sequence can have more
+    max_sequences: int        # parallel sequences of the runtime
+    max_prompt_chars: int = 1_000_000
+
+
+def _show(v: Any) -> str:
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _as_int(field: str, v: Any, lo: int, hi: int) -> int:
+    n: int | None = None
+    if isinstance(v, bool):
+        n = None
+    elif isinstance(v, int):
+        n = v
+    elif isinstance(v, float) and v.is_integer():
+        n = int(v)
+    elif isinstance(v, str) and _INT.fullmatch(v.strip()):
+        n = int(v.strip())
+    if n is None:
+        raise InvalidParameter(field, f"must be an integer between {lo} and {hi}, got {_show(v)}")
+    if not lo <= n <= hi:
+        raise InvalidParameter(field, f"must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
+    x: float | None = None
+    if isinstance(v, bool):
+        x = None
+    elif isinstance(v, (int, float)):
+        x = float(v)
+    elif isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
+        x = float(v.strip())
+    if x is None or not math.isfinite(x):
+        raise InvalidParameter(field, f"must be a number between {lo} and {hi}, got {_show(v)}")
+    if not lo <= x <= hi:
+        raise InvalidParameter(field, f"must be between {lo} and {hi}, got {_show(v)}")
+    return x
+
+
+def _as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise InvalidParameter(field, f"must be a string, got {_show(v)}")
+    if not v and not allow_empty:
+        raise InvalidParameter(field, "must not be empty")
+    if len(v) > max_chars:
+        raise InvalidParameter(field, f"is {len(v)} characters; at most {max_chars} are accepted")
+    return v
+
+
+def _as_stop(v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not 0 <= len(items) <= MAX_STOP_STRINGS:
+        raise InvalidParameter("stop", f"must be a string or a list of at most {MAX_STOP_STRINGS} strings, got {_show(v)}")
+    return tuple(_as_str("stop", s, MAX_STOP_CHARS) for s in items)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidParameter(k, "appears twice in the JSON object")
+        out[k] = v
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise InvalidParameter("body", f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys; errors say line and column."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedJSON("body", f"is not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise MalformedJSON("body", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+FIELDS = ("prompt", "max_length", "temperature", "top_p", "top_k", "num_return_sequences", "repetition_penalty", "seed", "stop", "system_prompt")
+
+
+def parse_predict(data: Any, limits: Limits) -> tuple[str, GenerationParams]:
+    """Validate a decoded `predict` body. Defaults are the hosted API's, except top_p (see README)."""
+    if not isinstance(data, dict):
+        raise InvalidParameter("body", f"must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise InvalidParameter(unknown[0], f"is not a known field; known fields are {', '.join(FIELDS)}")
+    if "prompt" not in data:
+        raise InvalidParameter("prompt", "is required")
+    prompt = _as_str("prompt", data["prompt"], limits.max_prompt_chars)
+    kw: dict[str, Any] = {}
+    if "max_length" in data:
+        kw["max_length"] = _as_int("max_length", data["max_length"], 1, limits.max_new_tokens)
+    if "temperature" in data:
+        kw["temperature"] = _as_float("temperature", data["temperature"], 0.0, 5.0)
+    if "top_p" in data:
+        kw["top_p"] = _as_float("top_p", data["top_p"], 0.0, 1.0)
+    if "top_k" in data:
+        kw["top_k"] = _as_int("top_k", data["top_k"], 0, 1_000_000)
+    if "num_return_sequences" in data:
+        kw["num_return_sequences"] = _as_int("num_return_sequences", data["num_return_sequences"], 1, limits.max_sequences)
+    if "repetition_penalty" in data:
+        kw["repetition_penalty"] = _as_float("repetition_penalty", data["repetition_penalty"], 1.0, 10.0)
+    if "seed" in data:
+        kw["seed"] = _as_int("seed", data["seed"], 0, MAX_SEED)
+    if "stop" in data:
+        kw["stop"] = _as_stop(data["stop"])
+    if "system_prompt" in data:
+        kw["system_prompt"] = _as_str("system_prompt", data["system_prompt"], limits.max_prompt_chars, allow_empty=True)
+    return prompt, GenerationParams(**kw)  # absent fields take GenerationParams' defaults
