@@ -106,7 +106,7 @@ class LlamaModel:
             cparams.n_batch = config.n_batch
             cparams.n_ubatch = config.n_batch
             cparams.n_seq_max = config.n_seq_max
-            cparams.kv_unified = True  # all sequences share one pool of n_ctx cells (prefix sharing is free)
+            cparams.kv_unified = True
             n_threads = config.n_threads or (os.cpu_count() or 1)
             cparams.n_threads = n_threads
             cparams.n_threads_batch = n_threads
