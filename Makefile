@@ -1,0 +1,31 @@
+# llamabox: the two set-up commands are `make serve` and `make test`.
+# Each creates .venv (once) and installs what it needs; both are safe to run again.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.llamabox-installed
+ARGS   ?=
+
+.PHONY: serve test bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing llamabox (the first install builds llama.cpp from source: 4-8 minutes)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/llamabox serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) bench/run.py --quick $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
