@@ -100,6 +100,8 @@ class Scheduler:
         self._jobs: dict[int, tuple[Job, list[_Seq]]] = {}  # id(job) -> (job, its sequences)
         self._reserved = 0
         self._head: Job | None = None  # taken from the queue, waiting for room
+        # Counters for tests and benchmarks (written by the worker thread only).
+        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
@@ -191,6 +193,8 @@ class Scheduler:
                 self.model.seq_copy(best.seq_id, s0, 0, start)
                 best.last_used = time.monotonic()
         log.debug("prompt of %d tokens, %d reused from the prefix cache", len(tokens), start)
+        self.stats["prompt_tokens_reused"] += start
+        self.stats["prompt_tokens_evaluated"] += len(tokens) - start
 
         step = self.model.config.n_batch
         for c in range(start, len(tokens), step):

@@ -131,13 +131,17 @@ def test_prompt_longer_than_context_is_refused(runtime):
 
 def test_prefix_cache_reuses_a_shared_prompt(runtime):
     system = "Grouped query attention lets several query heads share one key and value head. " * 3
-    a = texts(runtime.generate(system + "First question", GREEDY))
-    cached = [e for e in runtime.scheduler._cache if e.tokens[:40] == runtime.prompt_tokens(system, GREEDY)[:40]]
-    assert cached, "the first prompt should be kept for reuse"
-    # Same answer whether or not the prefix came from the cache.
-    runtime.scheduler  # noqa: B018
-    b = texts(runtime.generate(system + "First question", GREEDY))
-    assert a == b
+    first = runtime.prompt_tokens(system + "First question", GREEDY)
+    second = runtime.prompt_tokens(system + "Second question", GREEDY)
+    shared = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+    a = texts(runtime.generate(system + "Second question", GREEDY))  # nothing cached for it yet... (or an older entry)
+    runtime.generate(system + "First question", GREEDY)
+    before = dict(runtime.scheduler.stats)
+    b = texts(runtime.generate(system + "Second question", GREEDY))
+    reused = runtime.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"]
+    evaluated = runtime.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
+    assert reused >= shared and reused + evaluated == len(second)
+    assert a == b  # the same answer whether or not the prefix came from the cache
 
 
 def test_gpu_layers_on_a_cpu_build_is_a_plain_error(gguf_files):

@@ -1,0 +1,245 @@
+"""llamabox benchmarks: every figure on the same GGUF, same threads, same run.
+
+    make bench-quick            # the built-in demo model, a few seconds per figure
+    make bench ARGS="--model PATH.gguf"
+
+Prints a table and writes bench/out/<model>.json. Figures:
+  * memory bandwidth (numpy copy), the roofline (bandwidth / model bytes per token)
+  * prompt processing (512 tokens) and generation (128 tokens) tokens/s for a raw
+    llama_cpp low-level loop, llama_cpp.Llama, runtime.generate, and HTTP /predict
+  * num_return_sequences 1/2/4/8 wall time relative to 1
+  * 1/2/4/8 concurrent HTTP clients: total tokens/s, p50/p95 latency
+  * a second request sharing a long prefix: time to first token vs the first's
+  * model load time and peak RSS
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runtime import GenerationParams, load  # noqa: E402
+
+N_GEN = 128
+N_PROMPT = 512
+
+
+def memory_bandwidth_gbs(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Best-of copy bandwidth: read + write of n_bytes counts 2 x n_bytes moved."""
+    a = np.ones(n_bytes // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best / 1e9
+
+
+def raw_lowlevel(path: str, threads: int, prompt_tokens: list[int]) -> tuple[float, float]:
+    """(prompt tok/s, generation tok/s) with llama_cpp's C API directly: one sequence, greedy, EOS ignored."""
+    import llama_cpp as lc
+
+    mp = lc.llama_model_default_params()
+    model = lc.llama_model_load_from_file(path.encode(), mp)
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 2048, 512, 512, threads, threads
+    ctx = lc.llama_init_from_model(model, cp)
+    batch = lc.llama_batch_init(512, 0, 1)
+    smpl = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    lc.llama_sampler_chain_add(smpl, lc.llama_sampler_init_greedy())
+
+    def decode(toks, pos0):
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = t, pos0 + i, 1, 0
+            batch.logits[i] = i == len(toks) - 1
+        batch.n_tokens = len(toks)
+        assert lc.llama_decode(ctx, batch) == 0
+
+    decode(prompt_tokens[:64], 0)  # warm-up: the first decode allocates the compute graph
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    t = time.perf_counter()
+    decode(prompt_tokens, 0)
+    pp = len(prompt_tokens) / (time.perf_counter() - t)
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    decode(prompt_tokens[:8], 0)
+    t = time.perf_counter()
+    pos = 8
+    for _ in range(N_GEN):
+        tok = lc.llama_sampler_sample(smpl, ctx, -1)
+        decode([tok], pos)
+        pos += 1
+    tg = N_GEN / (time.perf_counter() - t)
+    lc.llama_sampler_free(smpl)
+    lc.llama_batch_free(batch)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return pp, tg
+
+
+def llama_class(path: str, threads: int) -> float:
+    """Generation tok/s with the high-level llama_cpp.Llama.generate loop (greedy)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False)
+    toks = llm.tokenize(b"Once upon a time")
+    t = time.perf_counter()
+    n = 0
+    for _ in llm.generate(toks, temp=0.0, top_k=1):
+        n += 1
+        if n >= N_GEN:
+            break
+    rate = n / (time.perf_counter() - t)
+    llm.close()
+    return rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="GGUF path (default: the built-in llamabox-tiny)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = ap.parse_args()
+    if args.model is None:
+        from convert.store import Store
+
+        args.model = str(Store().resolve("llamabox-tiny").path)
+    path = args.model
+    size = Path(path).stat().st_size
+    out: dict = {"model": path, "model_bytes": size, "threads": args.threads}
+
+    out["memory_bandwidth_gbs"] = memory_bandwidth_gbs()
+    out["roofline_tok_s"] = out["memory_bandwidth_gbs"] * 1e9 / size
+
+    t = time.perf_counter()
+    rt = load(path, n_ctx=2048, n_threads=args.threads, model_id="bench", n_parallel=8, queue_size=64)
+    out["load_s"] = time.perf_counter() - t
+    words = ("the quick brown fox jumps over the lazy dog " * 200).split()
+    prompt_512 = rt.model.tokenize(" ".join(words), add_bos=True)[:N_PROMPT]
+
+    out["raw_prompt_tok_s"], out["raw_gen_tok_s"] = raw_lowlevel(path, args.threads, prompt_512)
+    out["llama_class_gen_tok_s"] = llama_class(path, args.threads)
+
+    # runtime: the same prompt / generation lengths; greedy; EOS can end early, so count tokens.
+    greedy = GenerationParams(max_length=N_GEN, temperature=0.0)
+    prompt_text = " ".join(words[:400])
+    one = GenerationParams(max_length=1, temperature=0.0)
+    t = time.perf_counter()
+    r = rt.generate(prompt_text + " unique-a", one)
+    out["runtime_prompt_tok_s"] = r.completions[0].prompt_tokens / (time.perf_counter() - t)
+
+    def gen_rate(fn) -> float:
+        t = time.perf_counter()
+        res = fn()
+        return sum(c.generated_tokens for c in res.completions) / (time.perf_counter() - t)
+
+    out["runtime_gen_tok_s"] = gen_rate(lambda: rt.generate("Once upon a time", greedy))
+
+    # HTTP end to end through waitress.
+    import requests
+    import waitress
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(request_timeout_s=600), rt)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=32)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}/predict"
+
+    def http(body):
+        return requests.post(url, json=body, timeout=600).json()
+
+    t = time.perf_counter()
+    http({"prompt": "Once upon a time", "max_length": N_GEN, "temperature": 0})
+    dt = time.perf_counter() - t
+    n_tok = rt.generate("Once upon a time", greedy).completions[0].generated_tokens
+    out["http_gen_tok_s"] = n_tok / dt
+    out["http_vs_raw"] = out["http_gen_tok_s"] / out["raw_gen_tok_s"]
+
+    # num_return_sequences scaling (sampled, so all run the full length... unless EOS).
+    base = None
+    out["n_return"] = {}
+    for n in (1, 2, 4, 8):
+        p = GenerationParams(max_length=N_GEN, temperature=0.8, num_return_sequences=n, seed=1)
+        t = time.perf_counter()
+        res = rt.generate("Once upon a time", p)
+        wall = time.perf_counter() - t
+        base = base or wall
+        out["n_return"][n] = {"wall_s": wall, "relative": wall / base, "tokens": sum(c.generated_tokens for c in res.completions)}
+
+    # Concurrent clients over HTTP.
+    out["clients"] = {}
+    for k in (1, 2, 4, 8):
+        lat: list[float] = []
+        toks = [0]
+        lock = threading.Lock()
+
+        def client(i):
+            for j in range(2 if args.quick else 4):
+                t0 = time.perf_counter()
+                body = http({"prompt": f"Story {i} {j}: once upon a time", "max_length": N_GEN, "temperature": 0.8, "seed": i * 10 + j})
+                d = time.perf_counter() - t0
+                n = len(rt.model.tokenize(body["result"][0]["generated_text"], add_bos=False))
+                with lock:
+                    lat.append(d)
+                    toks[0] += n
+        t = time.perf_counter()
+        ths = [threading.Thread(target=client, args=(i,)) for i in range(k)]
+        [x.start() for x in ths]
+        [x.join() for x in ths]
+        wall = time.perf_counter() - t
+        lat.sort()
+        p95 = lat[min(len(lat) - 1, -(-95 * len(lat) // 100) - 1)]  # nearest rank
+        out["clients"][k] = {"total_tok_s": toks[0] / wall, "p50_s": statistics.median(lat), "p95_s": p95}
+
+    # Shared prefix: second request's time to first token relative to the first's.
+    prefix = " ".join(words[:450])
+    t = time.perf_counter()
+    rt.generate(prefix + " first question", one)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    rt.generate(prefix + " second question", one)
+    second = time.perf_counter() - t
+    out["prefix_ttft"] = {"first_s": first, "second_s": second, "relative": second / first, **rt.scheduler.stats}
+
+    out["achieved_of_roofline"] = out["raw_gen_tok_s"] / out["roofline_tok_s"]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    server.close()
+    rt.close()
+
+    rows = [
+        ("memory bandwidth", f"{out['memory_bandwidth_gbs']:.1f} GB/s"),
+        ("roofline (bandwidth / model bytes)", f"{out['roofline_tok_s']:.0f} tok/s"),
+        ("raw llama_cpp: prompt / generation", f"{out['raw_prompt_tok_s']:.0f} / {out['raw_gen_tok_s']:.0f} tok/s"),
+        ("llama_cpp.Llama generation", f"{out['llama_class_gen_tok_s']:.0f} tok/s"),
+        ("runtime: prompt / generation", f"{out['runtime_prompt_tok_s']:.0f} / {out['runtime_gen_tok_s']:.0f} tok/s"),
+        ("HTTP /predict generation", f"{out['http_gen_tok_s']:.0f} tok/s ({out['http_vs_raw']:.2f} x raw)"),
+        ("generation / roofline", f"{out['achieved_of_roofline']:.0%}"),
+    ]
+    rows += [(f"num_return_sequences={n}", f"{v['wall_s']:.2f}s = {v['relative']:.2f} x n=1") for n, v in out["n_return"].items()]
+    rows += [(f"{k} concurrent clients", f"{v['total_tok_s']:.0f} tok/s, p50 {v['p50_s']:.2f}s, p95 {v['p95_s']:.2f}s") for k, v in out["clients"].items()]
+    rows += [("shared 450-word prefix: TTFT 2nd / 1st", f"{out['prefix_ttft']['relative']:.2f}"),
+             ("load time / peak RSS", f"{out['load_s']:.2f}s / {out['peak_rss_mib']:.0f} MiB")]
+    w = max(len(a) for a, _ in rows)
+    print(f"model {path} ({size / 2**20:.1f} MiB), {args.threads} threads")
+    for a, b in rows:
+        print(f"  {a:<{w}}  {b}")
+    dest = Path(__file__).parent / "out"
+    dest.mkdir(exist_ok=True)
+    (dest / f"{Path(path).stem}.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
