@@ -169,11 +169,9 @@ def index_tensors(folder: Path) -> dict[str, TensorRef]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        if list(folder.glob("pytorch_model*.bin")):
-            raise ConversionError(
-                f"{folder} holds only PyTorch .bin weights; install the extra with "
-                "`pip install 'llamabox[torch]'` and convert again"
-            )
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if bins:
+            return _index_torch_bins(bins)
         raise ConversionError(f"{folder} has no *.safetensors weights")
     refs: dict[str, TensorRef] = {}
     for f in files:
@@ -186,8 +184,37 @@ def index_tensors(folder: Path) -> dict[str, TensorRef]:
     return refs
 
 
+TORCH = "TORCH"  # TensorRef.dtype of a tensor inside a PyTorch .bin (read through torch)
+
+
+def _torch_load(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path.parent} holds only PyTorch .bin weights; install the extra with "
+            "`pip install 'llamabox[torch]'` and convert again"
+        ) from None
+    try:
+        # weights_only: a .bin is a pickle, and pickles from the internet must not run code.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ConversionError(f"{path.name}: not a loadable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def _index_torch_bins(files: list[Path]) -> dict[str, TensorRef]:
+    refs: dict[str, TensorRef] = {}
+    for f in files:
+        for name, t in _torch_load(f).items():
+            refs[name] = TensorRef(name, tuple(t.shape), TORCH, f, -1, t.numel() * t.element_size())
+    return refs
+
+
 def load_tensor(ref: TensorRef) -> np.ndarray:
     """Read one tensor from disk as float32 (BF16's 16 bits are the top half of an F32)."""
+    if ref.dtype == TORCH:
+        # mmap=True: only this tensor's pages are read; the state dict itself is cheap to rebuild.
+        return _torch_load(ref.file)[ref.name].float().numpy().reshape(ref.shape)
     np_dtype, _ = _DTYPES[ref.dtype]
     count = ref.nbytes // np.dtype(np_dtype).itemsize
     with open(ref.file, "rb") as f:

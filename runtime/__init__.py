@@ -1,5 +1,16 @@
-"""llamabox runtime: loads GGUF with llama.cpp and generates. The only package that imports llama_cpp."""
-from .engine import Runtime, RuntimeInfo, load
+"""llamabox runtime: loads GGUF with llama.cpp and generates. The only package that imports llama_cpp.
+
+`runtime.errors` and `runtime.params` are plain Python; llama_cpp is imported only
+when the engine is first used, so convert/ and server/ can use the errors alone.
+"""
 from .params import Completion, GenerationParams, Result
 
 __all__ = ["Runtime", "RuntimeInfo", "load", "GenerationParams", "Completion", "Result"]
+
+
+def __getattr__(name: str):
+    if name in ("Runtime", "RuntimeInfo", "load"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -211,3 +211,22 @@ def test_conversion_killed_half_way_leaves_nothing_listed(tiny_hf, tmp_path):
     convert(folder, ["q8_0"], store=store, model_id="tiny")  # a rerun starts cleanly
     assert [f.quant for f in store.list()] == ["q8_0"]
     assert not [p for p in (home / "models" / "tiny").iterdir() if ".partial-" in p.name]
+
+
+def test_bin_only_checkpoint_needs_the_torch_extra_or_converts(tmp_path):
+    """PyTorch .bin weights: converted through torch when the extra is installed, else a clear message."""
+    folder = tmp_path / "hf"
+    weights = make_tiny_llama(folder, TINY, "F32")
+    (folder / "model.safetensors").unlink()
+    try:
+        import torch
+    except ImportError:
+        (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+        with pytest.raises(ConversionError, match=r"llamabox\[torch\]"):
+            export_gguf(folder, tmp_path / "x.gguf")
+        return
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, folder / "pytorch_model.bin")
+    export_gguf(folder, tmp_path / "x.gguf", "f32")
+    toks = tokens_of(folder, PROMPT)
+    got, _ = llama_logits(tmp_path / "x.gguf", toks)
+    assert np.abs(got - reference_logits(weights, TINY, toks)).max() < TOL["f32"]
