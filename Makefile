@@ -21,8 +21,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk and ~30 min on 2 cores).
 bench: $(STAMP)
-	$(PY) bench/run.py $(ARGS)
+	$(PY) bench/synth7b.py --dir bench/scratch
+	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick $(ARGS)

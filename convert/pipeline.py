@@ -96,7 +96,7 @@ def convert(
     _check_disk(work, n_params, quants)
     n_threads = n_threads or (os.cpu_count() or 1)
 
-    f16 = work / f".{model_id}.f16.gguf{TMP_MARK}{os.getpid()}"
+    f16 = work / f".{model_id}.intermediate-f16.gguf{TMP_MARK}{os.getpid()}"
     reports: list[QuantReport] = []
     try:
         t0 = time.monotonic()

@@ -98,7 +98,7 @@ class Runtime:
 
 def load(
     path: str | os.PathLike[str],
-    n_ctx: int = 4096,
+    n_ctx: int = 0,
     n_threads: int = 0,
     n_gpu_layers: int = 0,
     model_id: str | None = None,
@@ -108,7 +108,8 @@ def load(
     queue_size: int = 16,
     n_batch: int = 512,
 ) -> Runtime:
-    """Load a GGUF. chat=None decides from the model id ('*-chat*' models get Llama 2's [INST] format)."""
+    """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
+    chat=None decides from the model id ('*-chat*' models get Llama 2's [INST] format)."""
     path = Path(path)
     model_id = model_id or path.stem
     t0 = time.monotonic()

@@ -37,13 +37,16 @@ def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> Non
 llama_cpp.llama_backend_init()
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
+DEFAULT_CTX = 4096  # Llama 2's training context
+
 # Seeds are uint32; 0xFFFFFFFF is LLAMA_DEFAULT_SEED, which llama.cpp turns into a random seed.
 MAX_SEED = 0xFFFFFFFE
 
 
 @dataclass(frozen=True)
 class LoadConfig:
-    n_ctx: int = 4096          # KV cells shared by all sequences (kv_unified), in tokens
+    n_ctx: int = 0             # KV cells shared by all sequences (kv_unified), in tokens; 0 = the
+                               # model's training context, at most DEFAULT_CTX
     n_threads: int = 0         # 0 = every core llama.cpp's default picks (os.cpu_count())
     n_gpu_layers: int = 0      # layers offloaded to Metal/CUDA; -1 = all; needs a GPU build
     n_batch: int = 512         # prompt tokens per llama_decode call
@@ -102,7 +105,7 @@ class LlamaModel:
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
 
             cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = config.n_ctx
+            cparams.n_ctx = config.n_ctx or min(self.n_ctx_train, DEFAULT_CTX)
             cparams.n_batch = config.n_batch
             cparams.n_ubatch = config.n_batch
             cparams.n_seq_max = config.n_seq_max

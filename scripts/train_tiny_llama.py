@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -194,16 +196,19 @@ def corpus_provenance(paths: list[str], license_name: str) -> list[dict]:
 
 
 def train_tokenizer(train_entries: list[str], vocab_size: int, out_dir: str, seed: int) -> spm.SentencePieceProcessor:
-    """Train a SentencePiece BPE model on the training entries; writes out_dir/tokenizer.model."""
-    txt = os.path.join(out_dir, "_spm_input.txt")
-    with open(txt, "w", encoding="utf-8") as f:
-        f.write("\n".join(train_entries) + "\n")
+    """Train a SentencePiece BPE model on the training entries; writes out_dir/tokenizer.model.
+
+    Sentences are fed from memory and the model is written through `model_writer`, so no
+    file paths end up in the model's trainer_spec: the file depends on the corpus only.
+    """
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(input=txt, model_prefix=os.path.join(out_dir, "tokenizer"),
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(train_entries), model_writer=buf,
                                    vocab_size=vocab_size, minloglevel=2, **SPM_OPTIONS)
-    os.remove(txt)
-    os.remove(os.path.join(out_dir, "tokenizer.vocab"))
-    return spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
+    path = os.path.join(out_dir, "tokenizer.model")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return spm.SentencePieceProcessor(model_file=path)
 
 
 def encode_entries(sp: spm.SentencePieceProcessor, entries: list[str]) -> torch.Tensor:
@@ -459,11 +464,8 @@ def main() -> None:
     ap.add_argument("--corpus-license", default="unknown", help="licence of the corpus, recorded in training.json")
     ap.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     ap.add_argument("--n-samples", type=int, default=3, help="temperature-0.8 samples to print and record")
-    for f in dataclasses.fields(ModelConfig):  # --dim, --n-layers, ... override ModelConfig
-        if f.name != "vocab_size":
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    ap.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size)
-    for f in dataclasses.fields(TrainConfig):  # --seq-len, --batch-size, --max-steps, ...
+    # Every config field is a flag: --dim, --n-layers, --vocab-size, --seq-len, --max-steps, ...
+    for f in dataclasses.fields(ModelConfig) + dataclasses.fields(TrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args()
 
@@ -597,6 +599,8 @@ def main() -> None:
         log(f"greedy {prompt!r}: {text!r}")
 
     total_time = time.time() - t_start
+    sha256 = {name: hashlib.sha256(open(os.path.join(args.out, name), "rb").read()).hexdigest()
+              for name in ("model.safetensors", "tokenizer.model", "vocab.txt")}
     report = {
         "corpus": {
             "sources": corpus_provenance(args.corpus, args.corpus_license),
@@ -628,6 +632,7 @@ def main() -> None:
         "results": {"final_train_loss": round(final_train_loss, 4), "final_heldout_loss": final_val_loss,
                     "final_train_loss_ema": round(loss_ema, 4), "history": history,
                     "train_wall_time_s": round(train_time, 1), "total_wall_time_s": round(total_time, 1)},
+        "sha256": sha256,
         "samples": samples,
         "greedy": greedy,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

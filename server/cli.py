@@ -143,7 +143,7 @@ def cmd_generate(args) -> int:
     if args.system is not None:
         body["system_prompt"] = args.system
     path, model_id, _ = resolve_model(args.model, Store())
-    prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx, max_sequences=1))
+    prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
     rt = _load_runtime(path, model_id, args)
     try:
         t0 = time.perf_counter()
@@ -252,7 +252,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1 = all; needs a GPU build)")
-    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens, shared by running sequences (default 4096)")
+    p.add_argument("--ctx", type=int, default=0,
+                   help="context size in tokens, shared by running sequences (default: the model's, at most 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:

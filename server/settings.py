@@ -18,7 +18,7 @@ class Settings:
     insecure_no_auth: bool = False    # allow a non-loopback bind without a key
     threads: int = 0                  # llama.cpp threads; 0 = all cores
     gpu_layers: int = 0               # layers offloaded to Metal/CUDA; -1 = all
-    n_ctx: int = 4096                 # context (KV cells) shared by running sequences, in tokens
+    n_ctx: int = 0                    # context (KV cells) shared by running sequences; 0 = the model's (<= 4096)
     n_parallel: int = 4               # sequences decoded together; also caps num_return_sequences
     queue_size: int = 16              # requests waiting beyond the running batch before 503
     max_body_bytes: int = 1 << 20     # larger request bodies get 413
@@ -42,9 +42,11 @@ class Settings:
                 f"binding {self.host} without an API key would expose the model to the network; set LLAMABOX_API_KEY "
                 "or --api-key-file, bind 127.0.0.1, or pass --insecure-no-auth",
             )
-        if not 0 < self.port < 65536:
-            raise InvalidParameter("port", f"must be between 1 and 65535, got {self.port}")
-        for name in ("n_ctx", "n_parallel", "queue_size", "max_body_bytes", "http_threads"):
+        if not 0 <= self.port < 65536:
+            raise InvalidParameter("port", f"must be between 0 (any free port) and 65535, got {self.port}")
+        if self.n_ctx < 0:
+            raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
+        for name in ("n_parallel", "queue_size", "max_body_bytes", "http_threads"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, f"must be positive, got {getattr(self, name)}")
 

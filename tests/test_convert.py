@@ -172,8 +172,8 @@ def test_lying_safetensors_header_is_refused(tmp_path):
 def test_store_lists_converted_model_and_verify_catches_a_flipped_byte(tiny_hf, tmp_path):
     folder, _ = tiny_hf
     store = Store(tmp_path / "home", builtin_dir=tmp_path / "none")
-    reports = convert(folder, ["q8_0"], store=store, model_id="tiny")
-    assert [f.model_id for f in store.list()] == ["tiny"]
+    reports = convert(folder, ["q8_0", "f16"], store=store, model_id="tiny")
+    assert sorted(f.quant for f in store.list()) == ["f16", "q8_0"]
     assert store.verify("tiny") == []
     path = reports[0].path
     with open(path, "r+b") as f:
