@@ -101,7 +101,7 @@ class Scheduler:
         self._reserved = 0
         self._head: Job | None = None  # taken from the queue, waiting for room
         # Counters for tests and benchmarks (written by the worker thread only).
-        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0}
+        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
@@ -146,6 +146,7 @@ class Scheduler:
             if job.cancelled.is_set():
                 self._head = None
                 job.future.cancel()
+                self.stats["jobs_cancelled"] += 1
                 continue
             if not self._make_room(job):
                 return
@@ -317,6 +318,7 @@ class Scheduler:
             job.future.set_exception(error)
         elif job.cancelled.is_set():
             job.future.cancel()
+            self.stats["jobs_cancelled"] += 1
         else:
             n_prompt = len(job.tokens)
             job.future.set_result(

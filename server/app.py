@@ -26,6 +26,7 @@ from .validation import Limits, parse_json, parse_predict
 log = logging.getLogger(__name__)
 
 OK_MESSAGE = "Ran successfully"
+POLL_S = 0.1  # how often a waiting request checks for a client that hung up
 
 
 class ApiError(Exception):
@@ -102,12 +103,25 @@ def _predict(model_id: str | None):
         raise ApiError(415, f"Content-Type must be application/json, got {mimetype or 'none'!r}")
     body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH turns an oversized body into 413 here
     prompt, params = parse_predict(parse_json(body), Limits(max_new_tokens=rt.info.n_ctx, max_sequences=rt.info.n_parallel))
-    try:
-        result = rt.generate(prompt, params, timeout=st.settings.request_timeout_s)
-    except FutureTimeout:
-        raise ApiError(504, f"generation did not finish within {st.settings.request_timeout_s:g} s and was cancelled") from None
-    except CancelledError:
-        raise ApiError(503, "the request was cancelled", {"Retry-After": "1"}) from None
+    job = rt.submit(prompt, params)
+    # waitress (with channel_request_lookahead) tells us when the client hangs up: then the
+    # job is cancelled and the worker frees its sequences at its next step.
+    gone = request.environ.get("waitress.client_disconnected", lambda: False)
+    deadline = time.monotonic() + st.settings.request_timeout_s
+    while True:
+        try:
+            result = job.future.result(timeout=POLL_S)
+            break
+        except FutureTimeout:
+            if gone():
+                job.cancel()
+                log.info("run %s: client disconnected; generation cancelled", g.run_id)
+                raise ApiError(499, "client closed the connection; generation cancelled") from None
+            if time.monotonic() > deadline:
+                job.cancel()
+                raise ApiError(504, f"generation did not finish within {st.settings.request_timeout_s:g} s and was cancelled") from None
+        except CancelledError:
+            raise ApiError(503, "the request was cancelled", {"Retry-After": "1"}) from None
     return envelope(OK_MESSAGE, [{"generated_text": prompt + c.text} for c in result.completions])
 
 

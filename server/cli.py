@@ -86,7 +86,8 @@ def cmd_serve(args) -> int:
     path, model_id, demo = resolve_model(settings.model, Store())
     app = create_app(settings)
     server = waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.http_threads,
-                                    max_request_body_size=settings.max_body_bytes + 1, ident="llamabox")
+                                    max_request_body_size=settings.max_body_bytes + 1, ident="llamabox",
+                                    channel_request_lookahead=1)  # lets a handler see a client hang up
     failed: list[str] = []
 
     def load_in_background():

@@ -81,7 +81,7 @@ def live_server(app):
     """The app behind waitress on a loopback port; yields the base URL."""
     import waitress
 
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16, channel_request_lookahead=1)
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.effective_port}"

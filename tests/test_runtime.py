@@ -165,3 +165,17 @@ def test_truncated_gguf_is_a_load_error(tmp_path, gguf_files):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError):
         LlamaModel(p, LoadConfig(n_ctx=64))
+
+
+def test_cancel_frees_the_sequences_at_once(runtime):
+    sched = runtime.scheduler
+    before = sched.stats["jobs_cancelled"]
+    job = runtime.submit("Hello", GenerationParams(max_length=100, temperature=0.0, num_return_sequences=4))
+    job.cancel()
+    with pytest.raises(Exception) as e:
+        job.future.result(timeout=30)
+    assert type(e.value).__name__ == "CancelledError"
+    assert sched.stats["jobs_cancelled"] == before + 1
+    # Everything is back: all sequence ids free, nothing reserved, the next request runs normally.
+    assert sorted(sched._free_ids) == list(range(sched.n_parallel)) and sched._reserved == 0
+    assert runtime.generate("Hello", GREEDY).completions[0].generated_tokens > 0

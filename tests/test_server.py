@@ -178,7 +178,7 @@ def test_internal_error_is_500_without_stack_trace(client, app, monkeypatch, cap
     def boom(*a, **k):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(rt, "generate", boom)
+    monkeypatch.setattr(rt, "submit", boom)
     body = assert_envelope(post(client, SEED_EXAMPLE), 500)
     assert "secret" not in body["message"] and body["run_id"] in body["message"]
     assert any(body["run_id"] in r.getMessage() for r in caplog.records)
@@ -225,3 +225,16 @@ def test_eight_threads_over_a_real_socket(live_server):
 def test_malformed_json_over_a_real_socket(live_server):
     r = requests.post(live_server + "/predict", data=SEED_AS_PASTED, headers={**AUTH, "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400 and "line 5, column 9" in r.json()["message"]
+
+
+def test_client_that_hangs_up_cancels_its_generation(client, app):
+    """waitress reports a closed connection through environ; the job is cancelled, not run to the end."""
+    sched = app.extensions["llamabox"].runtime.scheduler
+    before = sched.stats["jobs_cancelled"]
+    resp = post(client, {"prompt": "Hi", "max_length": 100, "num_return_sequences": 4},
+                environ_overrides={"waitress.client_disconnected": lambda: True})
+    assert_envelope(resp, 499)
+    deadline = __import__("time").monotonic() + 10
+    while sched.stats["jobs_cancelled"] == before and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.01)
+    assert sched.stats["jobs_cancelled"] == before + 1
