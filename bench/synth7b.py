@@ -91,8 +91,13 @@ def make_checkpoint(folder: Path) -> None:
 
 
 def timed_child(code: str) -> tuple[float, float]:
-    """Run python code in a child; (seconds, the child's own peak RSS in MiB)."""
-    code += "\nimport resource; print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """Run python code in a child; (seconds, the child's own peak RSS in MiB).
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
+    child of this (large) process would report our peak instead of its own.
+    """
+    code += ("\nprint('PEAK_RSS_KIB', next(int(l.split()[1]) for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM:')))")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     dt = time.perf_counter() - t
@@ -106,6 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / "scratch")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--skip-quantize", action="store_true", help="keep an existing Q4_K_M file; measure conversion only")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.dir).free
@@ -121,11 +127,18 @@ def main() -> int:
     out["checkpoint_bytes"] = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     out["convert_f16_s"], out["convert_f16_peak_rss_mib"] = timed_child(
         f"from pathlib import Path; from convert.hf_to_gguf import export_gguf; export_gguf(Path({str(hf)!r}), Path({str(f16)!r}), 'f16', name='synth7b')")
+    if args.skip_quantize and q4.is_file():
+        f16.unlink()
+        return _report(out, q4)
     out["quantize_q4_k_m_s"], out["quantize_q4_k_m_peak_rss_mib"] = timed_child(
         f"import os; from pathlib import Path; from runtime.quantize import quantize; "
         f"quantize(Path({str(f16)!r}), Path({str(q4)!r}), 'q4_k_m', {args.threads} or os.cpu_count())")
     out["f16_bytes"], out["q4_k_m_bytes"] = f16.stat().st_size, q4.stat().st_size
     f16.unlink()
+    return _report(out, q4)
+
+
+def _report(out: dict, q4: Path) -> int:
     for k, v in out.items():
         print(f"  {k:32} {v:,.1f}" if isinstance(v, float) else f"  {k:32} {v:,}")
     dest = ROOT / "bench" / "out"
