@@ -13,9 +13,10 @@ whether it advances one sequence or eight. So:
   * evaluated prompts stay tagged with spare "cache" sequence ids, so a later
     prompt that starts with the same tokens copies them instead of recomputing.
 
-KV budget: the context has n_ctx cells shared by all sequences. A job reserves
-prompt + n * max_length cells when admitted, and cache entries count their
-length, so a decode never runs out of cells mid-generation.
+KV budget: the context has n_ctx cells shared by all sequences. Each cache entry
+counts its length; a job reserves prompt + n * max_length cells, less the prompt
+cells it shares with cache entries (those entries are pinned while it runs, so
+the cells stay accounted for). A decode never runs out of cells mid-generation.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class Job:
     on_text: TextCallback | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reserved: int = 0                 # KV cells this job holds in the budget (set by the worker)
+    pinned: list = field(default_factory=list)  # cache entries whose cells this job shares
 
     @property
     def cells_needed(self) -> int:
@@ -71,11 +74,12 @@ class _Seq:
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
-@dataclass
+@dataclass(eq=False)
 class _CacheEntry:
     seq_id: int
     tokens: list[int]
     last_used: float
+    pins: int = 0           # running jobs sharing these cells: an entry is never evicted while pinned
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -101,7 +105,7 @@ class Scheduler:
         self._reserved = 0
         self._head: Job | None = None  # taken from the queue, waiting for room
         # Counters for tests and benchmarks (written by the worker thread only).
-        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0}
+        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
@@ -157,16 +161,32 @@ class Scheduler:
                 log.exception("prompt evaluation failed")
                 self._finish_job(job, error=e)
 
+    def _cache_cells(self) -> int:
+        return sum(len(e.tokens) for e in self._cache)
+
+    def _best_prefix(self, tokens: list[int]) -> tuple[_CacheEntry | None, int]:
+        """The cache entry sharing the longest prefix, and how many tokens can be reused
+        (never the whole prompt: its last token is evaluated to get logits)."""
+        best = max(self._cache, key=lambda e: _common_prefix(e.tokens, tokens), default=None)
+        if best is None:
+            return None, 0
+        return best, min(_common_prefix(best.tokens, tokens), len(tokens) - 1)
+
     def _make_room(self, job: Job) -> bool:
-        n = job.params.num_return_sequences
-        if len(self._free_ids) < n:
+        if len(self._free_ids) < job.params.num_return_sequences:
             return False
-        cache_cells = sum(len(e.tokens) for e in self._cache)
-        while self._reserved + cache_cells + job.cells_needed > self.model.n_ctx and self._cache:
-            victim = min(self._cache, key=lambda e: e.last_used)
-            self._evict(victim)
-            cache_cells -= len(victim.tokens)
-        return self._reserved + cache_cells + job.cells_needed <= self.model.n_ctx
+        best, shared = self._best_prefix(job.tokens)
+        need = job.cells_needed - shared
+        while self._reserved + self._cache_cells() + need > self.model.n_ctx:
+            victims = [e for e in self._cache if e.pins == 0 and e is not best]
+            if victims:
+                self._evict(min(victims, key=lambda e: e.last_used))
+            elif best is not None and best.pins == 0:
+                self._evict(best)  # the prefix we hoped to reuse has to go after all
+                best, need = None, job.cells_needed
+            else:
+                return False
+        return True
 
     def _evict(self, entry: _CacheEntry) -> None:
         self.model.seq_remove(entry.seq_id)
@@ -177,7 +197,6 @@ class Scheduler:
         p = job.params
         tokens = job.tokens
         ids = [self._free_ids.pop() for _ in range(p.num_return_sequences)]
-        self._reserved += job.cells_needed
         seqs = [
             _Seq(job, i, sid, self.model.new_sampler(p, (job.seed + i * 1_000_003) % (MAX_SEED + 1), tokens), pos=len(tokens))
             for i, sid in enumerate(ids)
@@ -186,13 +205,14 @@ class Scheduler:
         s0 = ids[0]
 
         # Reuse the longest cached prefix; at least one token is always evaluated for logits.
-        start = 0
-        best = max(self._cache, key=lambda e: _common_prefix(e.tokens, tokens), default=None)
-        if best is not None:
-            start = min(_common_prefix(best.tokens, tokens), len(tokens) - 1)
-            if start > 0:
-                self.model.seq_copy(best.seq_id, s0, 0, start)
-                best.last_used = time.monotonic()
+        best, start = self._best_prefix(tokens)
+        job.reserved = job.cells_needed - start
+        self._reserved += job.reserved
+        if start > 0:
+            self.model.seq_copy(best.seq_id, s0, 0, start)
+            best.last_used = time.monotonic()
+            best.pins += 1
+            job.pinned.append(best)
         log.debug("prompt of %d tokens, %d reused from the prefix cache", len(tokens), start)
         self.stats["prompt_tokens_reused"] += start
         self.stats["prompt_tokens_evaluated"] += len(tokens) - start
@@ -205,31 +225,36 @@ class Scheduler:
         logits_index = (len(tokens) - start - 1) % step
         for sid in ids[1:]:
             self.model.seq_copy(s0, sid)
-        self._remember(tokens, s0)
+        self._remember(job, start, s0)
 
         for s in seqs:
             self._accept(s, self.model.sample(s.sampler, logits_index))
         self._active.extend(s for s in seqs if s.finish is None)
         self._maybe_finish(job)
 
-    def _remember(self, tokens: list[int], s0: int) -> None:
-        """Keep this prompt's KV cells under a cache sequence id for later prefix reuse."""
-        if len(tokens) < self.min_cached_prompt:
+    def _remember(self, job: Job, start: int, s0: int) -> None:
+        """Keep this prompt's KV cells under a cache sequence id for later prefix reuse.
+
+        The entry takes over the accounting of the job's own prompt cells (tokens[start:]),
+        so remembering costs the budget only the `start` cells it shares with another entry.
+        """
+        tokens = job.tokens
+        if len(tokens) < self.min_cached_prompt or any(e.tokens == tokens for e in self._cache):
             return
-        for e in self._cache:
-            if e.tokens == tokens:
-                e.last_used = time.monotonic()
-                return
         if not self._free_cache_ids:
-            if not self._cache:
+            victims = [e for e in self._cache if e.pins == 0]
+            if not victims:
                 return
-            self._evict(min(self._cache, key=lambda e: e.last_used))
-        cache_cells = sum(len(e.tokens) for e in self._cache)
-        if self._reserved + cache_cells + len(tokens) > self.model.n_ctx:
+            self._evict(min(victims, key=lambda e: e.last_used))
+        own = len(tokens) - start
+        if self._reserved - own + self._cache_cells() + len(tokens) > self.model.n_ctx:
             return
-        sid = self._free_cache_ids.pop()
-        self.model.seq_copy(s0, sid, 0, len(tokens))
-        self._cache.append(_CacheEntry(sid, list(tokens), time.monotonic()))
+        entry = _CacheEntry(self._free_cache_ids.pop(), list(tokens), time.monotonic(), pins=1)
+        self.model.seq_copy(s0, entry.seq_id, 0, len(tokens))
+        self._cache.append(entry)
+        job.pinned.append(entry)
+        job.reserved -= own
+        self._reserved -= own
 
     def _step(self) -> None:
         for s in self._active:
@@ -252,6 +277,7 @@ class Scheduler:
             s.finish = "eos"
         else:
             s.n_generated += 1
+            self.stats["tokens_generated"] += 1
             s.text += s.decoder.decode(self.model.piece(token))
             s.next_token = token
             hit = self._find_stop(s)
@@ -311,7 +337,10 @@ class Scheduler:
                 self._free_ids.append(s.seq_id)
                 if s in self._active:
                     self._active.remove(s)
-            self._reserved -= job.cells_needed
+            self._reserved -= job.reserved
+            for e in job.pinned:
+                e.pins -= 1
+            job.pinned.clear()
         if job.future.done():
             return
         if error is not None:

@@ -110,6 +110,8 @@ def _predict(model_id: str | None):
     deadline = time.monotonic() + st.settings.request_timeout_s
     while True:
         try:
+            if gone():  # checked before each wait, so a client already gone costs nothing
+                raise FutureTimeout
             result = job.future.result(timeout=POLL_S)
             break
         except FutureTimeout:

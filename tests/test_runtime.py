@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -179,3 +180,20 @@ def test_cancel_frees_the_sequences_at_once(runtime):
     # Everything is back: all sequence ids free, nothing reserved, the next request runs normally.
     assert sorted(sched._free_ids) == list(range(sched.n_parallel)) and sched._reserved == 0
     assert runtime.generate("Hello", GREEDY).completions[0].generated_tokens > 0
+
+
+def test_prefix_cache_works_for_a_prompt_over_half_the_context(runtime):
+    """A 300-token prompt in a 512-token context is still cached and reused (its cells are counted once)."""
+    words = "Tokens are pieces of words and a tokenizer splits text into tokens and back again".split()
+    long_prompt = " ".join(words[i % len(words)] for i in range(120))
+    first = runtime.prompt_tokens(long_prompt + " one", GREEDY)
+    assert 250 < len(first) < 400
+    runtime.generate(long_prompt + " one", GenerationParams(max_length=40, temperature=0.0))
+    before = runtime.scheduler.stats["prompt_tokens_reused"]
+    runtime.generate(long_prompt + " two", GenerationParams(max_length=40, temperature=0.0))
+    assert runtime.scheduler.stats["prompt_tokens_reused"] - before >= len(first) - 4
+    sched = runtime.scheduler
+    deadline = time.monotonic() + 5
+    while sched._jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched._reserved == 0 and all(e.pins == 0 for e in sched._cache)
