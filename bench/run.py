@@ -4,9 +4,10 @@
     make bench ARGS="--model PATH.gguf"
 
 Prints a table and writes bench/out/<model>.json. Figures:
-  * memory bandwidth (numpy copy), the roofline (bandwidth / model bytes per token)
+  * memory read bandwidth (numpy, one thread per core), the roofline (bandwidth / model bytes per token)
   * prompt processing (512 tokens) and generation (128 tokens) tokens/s for a raw
-    llama_cpp low-level loop, llama_cpp.Llama, runtime.generate, and HTTP /predict
+    llama_cpp low-level loop, llama_cpp.Llama, runtime.generate, and HTTP /predict;
+    generation is timed from a short prompt to the 128th token, the same way for all
   * num_return_sequences 1/2/4/8 wall time relative to 1
   * 1/2/4/8 concurrent HTTP clients: total tokens/s, p50/p95 latency
   * a second request sharing a long prefix: time to first token vs the first's
@@ -35,20 +36,30 @@ N_PROMPT = 512
 RAW_STEP_S: dict[int, float] = {}  # filled by raw_lowlevel: seconds per decode step of B sequences
 
 
-def memory_bandwidth_gbs(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Best-of copy bandwidth: read + write of n_bytes counts 2 x n_bytes moved."""
+def memory_bandwidth_gbs(n_bytes: int = 1 << 30, threads: int = 2, repeats: int = 5) -> float:
+    """Best-of read bandwidth: `threads` threads each sum their slice of an n_bytes array.
+
+    Reading is what generation does (every weight once per token), so this, not a copy
+    (which also writes), is the roofline's bandwidth. numpy releases the GIL while summing.
+    """
     a = np.ones(n_bytes // 8)
-    b = np.empty_like(a)
+    parts = np.array_split(a, threads)
     best = float("inf")
     for _ in range(repeats):
+        ths = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
         t = time.perf_counter()
-        np.copyto(b, a)
+        [x.start() for x in ths]
+        [x.join() for x in ths]
         best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best / 1e9
+    return n_bytes / best / 1e9
 
 
-def raw_lowlevel(path: str, threads: int, prompt_tokens: list[int]) -> tuple[float, float]:
-    """(prompt tok/s, generation tok/s) with llama_cpp's C API directly: one sequence, greedy, EOS ignored."""
+def raw_lowlevel(path: str, threads: int, prompt_tokens: list[int], gen_prompt: list[int]) -> tuple[float, float]:
+    """(prompt tok/s, generation tok/s) with llama_cpp's C API directly: one sequence, greedy, EOS ignored.
+
+    Generation is timed like the runtime's requests: from evaluating `gen_prompt` to the
+    N_GEN-th sampled token (one prompt decode, then N_GEN - 1 single-token decodes).
+    """
     import llama_cpp as lc
 
     mp = lc.llama_model_default_params()
@@ -77,13 +88,14 @@ def raw_lowlevel(path: str, threads: int, prompt_tokens: list[int]) -> tuple[flo
     tg = 0.0
     for _ in range(2):  # best of two
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        decode(prompt_tokens[:8], 0)
         t = time.perf_counter()
-        pos = 8
-        for _ in range(N_GEN):
+        decode(gen_prompt, 0)
+        pos = len(gen_prompt)
+        for i in range(N_GEN):
             tok = lc.llama_sampler_sample(smpl, ctx, -1)
-            decode([tok], pos)
-            pos += 1
+            if i < N_GEN - 1:
+                decode([tok], pos)
+                pos += 1
         tg = max(tg, N_GEN / (time.perf_counter() - t))
 
     # Cost of one decode step advancing B sequences at once (what batching can win).
@@ -142,7 +154,7 @@ def main() -> int:
     size = Path(path).stat().st_size
     out: dict = {"model": path, "model_bytes": size, "threads": args.threads}
 
-    out["memory_bandwidth_gbs"] = memory_bandwidth_gbs()
+    out["memory_bandwidth_gbs"] = memory_bandwidth_gbs(threads=args.threads)
     out["roofline_tok_s"] = out["memory_bandwidth_gbs"] * 1e9 / size
 
     t = time.perf_counter()
@@ -151,7 +163,8 @@ def main() -> int:
     words = ("the quick brown fox jumps over the lazy dog " * 200).split()
     prompt_512 = rt.model.tokenize(" ".join(words), add_bos=True)[:N_PROMPT]
 
-    out["raw_prompt_tok_s"], out["raw_gen_tok_s"] = raw_lowlevel(path, args.threads, prompt_512)
+    gen_prompt = rt.model.tokenize("Once upon a time", add_bos=True)
+    out["raw_prompt_tok_s"], out["raw_gen_tok_s"] = raw_lowlevel(path, args.threads, prompt_512, gen_prompt)
     out["raw_step_s"] = dict(RAW_STEP_S)
     out["llama_class_gen_tok_s"] = llama_class(path, args.threads)
 
