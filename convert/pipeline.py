@@ -85,7 +85,7 @@ def convert(
     """Convert `src` to every type in `quants`, into `store` (as model_id) or into `out_dir`."""
     if (store is None) == (out_dir is None):
         raise ValueError("give exactly one of store and out_dir")
-    model_id = model_id or model_id_for(src)
+    model_id = check_model_id(model_id) if model_id else model_id_for(src)  # also names files in out_dir
     n_params = _count_params(src)
     if store is not None:
         store.clean_partials(model_id)

@@ -11,7 +11,7 @@ from runtime.errors import InvalidParameter
 
 from .hub import MODEL_REPOS, download_checkpoint, download_gguf
 from .pipeline import QuantReport, convert, parse_quants
-from .store import TMP_MARK, Store, check_model_id
+from .store import Store, check_model_id
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,16 @@ def pull(
     model_id = check_model_id(model_id or name)
     if gguf:
         store.clean_partials(model_id)
-        partial_dir = store.models_dir / model_id
-        partial_dir.mkdir(parents=True, exist_ok=True)
-        path, sha = download_gguf(gguf, partial_dir)
-        m = _GGUF_QUANT.search(path.name)
-        quant = m.group(1).lower() if m else "gguf"
-        partial = path.with_name(f".{path.name}{TMP_MARK}pull")
-        path.rename(partial)
-        mf = store.add_file(model_id, partial, quant, {"repo": gguf.partition(":")[0], "file": gguf.partition(":")[2], "sha256": sha})
+        # Everything the download writes lives in a partial-marked folder, so an interrupted
+        # pull leaves nothing listed and the next pull's clean_partials removes it.
+        staging = store.partial_path(model_id, "gguf-download")
+        try:
+            path, sha = download_gguf(gguf, staging)
+            m = _GGUF_QUANT.search(path.name)
+            quant = m.group(1).lower() if m else "gguf"
+            mf = store.add_file(model_id, path, quant, {"repo": gguf.partition(":")[0], "file": gguf.partition(":")[2], "sha256": sha})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return [QuantReport(quant, mf.path, mf.size, float("nan"), 0.0)]
 
     repo = repo or MODEL_REPOS.get(name)

@@ -26,8 +26,8 @@ from runtime.errors import IntegrityError, InvalidModelId, ModelNotFound
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = "llamabox-convert 1"
-_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_QUANT = re.compile(r"^[a-z0-9_]{2,10}$")
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # used with fullmatch: '$' would accept a trailing newline
+_QUANT = re.compile(r"[a-z0-9_]{2,10}")
 TMP_MARK = ".partial-"
 PREFERRED_QUANTS = ("q4_k_m", "q5_k_m", "q8_0", "q6_k", "q4_0", "f16")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -38,7 +38,7 @@ def default_home() -> Path:
 
 
 def check_model_id(model_id: str) -> str:
-    if not isinstance(model_id, str) or not _ID.match(model_id) or ".." in model_id:
+    if not isinstance(model_id, str) or not _ID.fullmatch(model_id) or ".." in model_id:
         raise InvalidModelId("model", f"{model_id!r} is not a valid model id (lowercase letters, digits, '.', '_', '-'; at most 64)")
     return model_id
 
@@ -47,7 +47,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     """'llamav2-7b-chat' or 'llamav2-7b-chat:q8_0' -> (id, quant or None)."""
     model_id, _, quant = ref.partition(":")
     check_model_id(model_id)
-    if quant and not _QUANT.match(quant):
+    if quant and not _QUANT.fullmatch(quant):
         raise InvalidModelId("model", f"{quant!r} is not a quantization name (e.g. q4_k_m, q8_0)")
     return model_id, quant or None
 
@@ -130,7 +130,7 @@ class Store:
             if not base.is_dir():
                 continue
             for d in sorted(base.iterdir()):
-                if d.is_dir() and _ID.match(d.name) and (d / "manifest.json").is_file():
+                if d.is_dir() and _ID.fullmatch(d.name) and ".." not in d.name and (d / "manifest.json").is_file():
                     out += self.files(d.name, builtin)
         return out
 
@@ -191,7 +191,7 @@ class Store:
         if folder.is_dir():
             for p in folder.iterdir():
                 if TMP_MARK in p.name:
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                     n += 1
         return n
 
@@ -202,12 +202,16 @@ class Store:
         digest = sha256_file(partial)
         size = partial.stat().st_size
         final = folder / name
+        m = self.manifest(model_id) or {"model_id": model_id, "files": {}, "created": _now()}
+        if name in m["files"]:
+            # Replacing a file: unlist it first, so a crash mid-swap never leaves a listed file
+            # whose bytes and manifest disagree.
+            del m["files"][name]
+            write_json_atomic(folder / "manifest.json", m)
         os.replace(partial, final)
-        m = self.manifest(model_id) or {"model_id": model_id, "files": {}}
-        m["source"] = source
+        m["source"] = source  # the latest conversion's source; each file also keeps its own
         m["converter_version"] = CONVERTER_VERSION
-        m["files"][name] = {"sha256": digest, "size": size, "quant": quant, "created": _now()}
-        m.setdefault("created", _now())
+        m["files"][name] = {"sha256": digest, "size": size, "quant": quant, "created": _now(), "source": source}
         write_json_atomic(folder / "manifest.json", m)
         return ModelFile(model_id, quant, final, digest, size)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
 from .chat import format_user_turn, is_chat_model
-from .errors import ContextOverflow, InvalidParameter
+from .errors import ContextOverflow, InvalidParameter, ShuttingDown
 from .model import MAX_SEED, LlamaModel, LoadConfig
 from .params import GenerationParams, Result
 from .scheduler import Job, Scheduler, TextCallback
@@ -41,6 +42,9 @@ class Runtime:
     def __init__(self, model: LlamaModel, model_id: str, chat: bool, n_parallel: int, n_cache: int, queue_size: int, load_seconds: float):
         self.model = model
         self.chat = chat
+        # Guards the model's lifetime: tokenizing (any thread) never overlaps close().
+        self._lock = threading.Lock()
+        self._closed = False
         self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size)
         self.info = RuntimeInfo(
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
@@ -50,10 +54,13 @@ class Runtime:
 
     def prompt_tokens(self, prompt: str, params: GenerationParams) -> list[int]:
         """The prompt as the model sees it, checked against the context. Raises ContextOverflow."""
-        if self.chat:
-            tokens = [self.model.bos] + self.model.tokenize(format_user_turn(prompt, params.system_prompt), add_bos=False)
-        else:
-            tokens = self.model.tokenize(prompt, add_bos=True)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the runtime is shut down")
+            if self.chat:
+                tokens = [self.model.bos] + self.model.tokenize(format_user_turn(prompt, params.system_prompt), add_bos=False)
+            else:
+                tokens = self.model.tokenize(prompt, add_bos=True)
         need = len(tokens) + params.num_return_sequences * params.max_length
         if need > self.model.n_ctx:
             room = self.model.n_ctx - len(tokens)
@@ -92,8 +99,14 @@ class Runtime:
         return self.scheduler.alive
 
     def close(self) -> None:
+        """Finish the decode in flight, fail what waits, then free llama.cpp's memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.scheduler.close()
-        self.model.close()
+        with self._lock:
+            self.model.close()
 
 
 def load(

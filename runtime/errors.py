@@ -51,6 +51,10 @@ class QueueFull(LlamaboxError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDown(QueueFull):
+    """The runtime is closing and takes no more work."""
+
+
 class ConversionError(LlamaboxError):
     """A checkpoint could not be converted to GGUF."""
 

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import QueueFull
+from .errors import QueueFull, ShuttingDown
 from .model import MAX_SEED, LlamaModel, Sampler
 from .params import Completion, GenerationParams, Result
 
@@ -47,6 +47,7 @@ class Job:
     on_text: TextCallback | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None  # set by the worker when the job's own callback failed
     reserved: int = 0                 # KV cells this job holds in the budget (set by the worker)
     pinned: list = field(default_factory=list)  # cache entries whose cells this job shares
 
@@ -113,15 +114,31 @@ class Scheduler:
     # --- any thread --------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
+        if self._stop.is_set():
+            raise ShuttingDown("the runtime is shutting down")
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise QueueFull(f"the generation queue is full ({self._queue.maxsize} waiting); retry shortly") from None
+            # Jobs whose clients gave up still sit in the queue: drop them, then try once more.
+            with self._queue.mutex:
+                live = [j for j in self._queue.queue if not j.cancelled.is_set()]
+                dropped = [j for j in self._queue.queue if j.cancelled.is_set()]
+                self._queue.queue.clear()
+                self._queue.queue.extend(live)
+                self._queue.not_full.notify_all()
+            for j in dropped:
+                self.stats["jobs_cancelled"] += 1
+                j.future.cancel()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull(f"the generation queue is full ({self._queue.maxsize} waiting); retry shortly") from None
         return job
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
+        """Stop the worker (after the decode in flight) and fail whatever was still waiting."""
         self._stop.set()
-        self._thread.join(timeout)
+        self._thread.join()
 
     @property
     def alive(self) -> bool:
@@ -138,6 +155,20 @@ class Scheduler:
             except Exception as e:  # a failed decode: fail what was running, keep serving
                 log.exception("generation step failed")
                 self._fail_all(e)
+        # Shutting down: nobody may wait forever on a job that will never run.
+        down = ShuttingDown("the runtime shut down before this request finished")
+        for job, _ in list(self._jobs.values()):
+            self._finish_job(job, error=down)
+        pending = [self._head] if self._head is not None else []
+        self._head = None
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(down)
 
     def _admit(self) -> None:
         while True:
@@ -149,8 +180,8 @@ class Scheduler:
             job = self._head
             if job.cancelled.is_set():
                 self._head = None
-                job.future.cancel()
                 self.stats["jobs_cancelled"] += 1
+                job.future.cancel()
                 continue
             if not self._make_room(job):
                 return
@@ -219,6 +250,12 @@ class Scheduler:
 
         step = self.model.config.n_batch
         for c in range(start, len(tokens), step):
+            if job.cancelled.is_set():  # a long prompt is not worth finishing for nobody
+                self._finish_job(job)
+                return
+            if self._stop.is_set():
+                self._finish_job(job, error=ShuttingDown("the runtime shut down during prompt evaluation"))
+                return
             chunk = tokens[c : c + step]
             last = c + len(chunk) == len(tokens)
             self.model.decode([(t, c + k, s0, last and k == len(chunk) - 1) for k, t in enumerate(chunk)])
@@ -311,7 +348,12 @@ class Scheduler:
         else:
             upto = len(s.text)
         if upto > s.emitted:
-            s.job.on_text(s.index, s.text[s.emitted : upto])
+            try:
+                s.job.on_text(s.index, s.text[s.emitted : upto])
+            except Exception as e:  # the caller's callback failed: end its job, not everyone's
+                log.warning("text callback failed (%s); cancelling its request", type(e).__name__)
+                s.job.error = e
+                s.job.cancel()
             s.emitted = upto
 
     def _retire(self) -> None:
@@ -345,9 +387,11 @@ class Scheduler:
             return
         if error is not None:
             job.future.set_exception(error)
+        elif job.error is not None:
+            job.future.set_exception(job.error)
         elif job.cancelled.is_set():
-            job.future.cancel()
             self.stats["jobs_cancelled"] += 1
+            job.future.cancel()
         else:
             n_prompt = len(job.tokens)
             job.future.set_result(

@@ -198,6 +198,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     return app
 
 
+def make_server(app: Flask, settings: Settings):
+    """The production WSGI server (waitress) for `app`; call .run() to serve."""
+    import waitress
+
+    return waitress.create_server(
+        app, host=settings.host, port=settings.port, threads=settings.http_threads, ident="llamabox",
+        # Far above our own limit, so that Flask's MAX_CONTENT_LENGTH answers 413 in the envelope;
+        # waitress would answer a plain-text 413 itself.
+        max_request_body_size=16 * settings.max_body_bytes,
+        channel_request_lookahead=1,  # lets a waiting handler see that its client hung up
+    )
+
+
 def set_runtime(app: Flask, runtime: Runtime | None, load_error: str | None = None) -> None:
     st: AppState = app.extensions["llamabox"]
     st.runtime, st.load_error = runtime, load_error

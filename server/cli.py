@@ -71,10 +71,8 @@ def _load_runtime(path: Path, model_id: str, args) -> "object":
 # --- commands ---------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    import waitress
-
     from convert.store import Store
-    from server.app import create_app, set_runtime
+    from server.app import create_app, make_server, set_runtime
     from server.settings import Settings, read_api_keys
 
     settings = Settings(
@@ -85,9 +83,7 @@ def cmd_serve(args) -> int:
     settings.check()
     path, model_id, demo = resolve_model(settings.model, Store())
     app = create_app(settings)
-    server = waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.http_threads,
-                                    max_request_body_size=settings.max_body_bytes + 1, ident="llamabox",
-                                    channel_request_lookahead=1)  # lets a handler see a client hang up
+    server = make_server(app, settings)
     failed: list[str] = []
 
     def load_in_background():
@@ -96,9 +92,12 @@ def cmd_serve(args) -> int:
             rt = app.extensions["llamabox"].runtime
             print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
-        except LlamaboxError as e:
-            failed.append(str(e))
-            set_runtime(app, None, str(e))
+        except Exception as e:  # any failure, not only ours: /health must not say "loading" forever
+            msg = str(e) if isinstance(e, LlamaboxError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, LlamaboxError):
+                log.exception("loading %s failed", model_id)
+            failed.append(msg)
+            set_runtime(app, None, msg)
             import _thread
 
             _thread.interrupt_main()  # stop serving: a server that cannot load its model is no server
@@ -143,6 +142,9 @@ def cmd_generate(args) -> int:
         body["stop"] = args.stop
     if args.system is not None:
         body["system_prompt"] = args.system
+    from server.settings import Settings
+
+    Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx).check()
     path, model_id, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
     rt = _load_runtime(path, model_id, args)

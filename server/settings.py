@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,12 @@ class Settings:
             )
         if not 0 <= self.port < 65536:
             raise InvalidParameter("port", f"must be between 0 (any free port) and 65535, got {self.port}")
+        if self.threads < 0:
+            raise InvalidParameter("threads", f"must be 0 (all cores) or positive, got {self.threads}")
+        if self.gpu_layers < -1:
+            raise InvalidParameter("gpu_layers", f"must be -1 (all), 0 or positive, got {self.gpu_layers}")
+        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:
             raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
         for name in ("n_parallel", "queue_size", "max_body_bytes", "http_threads"):

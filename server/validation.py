@@ -17,8 +17,8 @@ from runtime.errors import InvalidParameter
 from runtime.model import MAX_SEED
 from runtime.params import GenerationParams
 
-_INT = re.compile(r"[+-]?\d{1,18}")
-_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_INT = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 128
@@ -63,7 +63,10 @@ def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
     if isinstance(v, bool):
         x = None
     elif isinstance(v, (int, float)):
-        x = float(v)
+        try:
+            x = float(v)
+        except OverflowError:  # a 400-digit JSON integer
+            x = None
     elif isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
         x = float(v.strip())
     if x is None or not math.isfinite(x):
@@ -78,6 +81,10 @@ def _as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> st
         raise InvalidParameter(field, f"must be a string, got {_show(v)}")
     if not v and not allow_empty:
         raise InvalidParameter(field, "must not be empty")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; UTF-8 (and the tokenizer) does not
+        raise InvalidParameter(field, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
     if len(v) > max_chars:
         raise InvalidParameter(field, f"is {len(v)} characters; at most {max_chars} are accepted")
     return v

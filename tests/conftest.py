@@ -5,6 +5,7 @@ Everything is made here, offline, from random weights; llama.cpp is real.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,9 @@ def client(app):
 @pytest.fixture()
 def live_server(app):
     """The app behind waitress on a loopback port; yields the base URL."""
-    import waitress
+    from server.app import make_server
 
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16, channel_request_lookahead=1)
+    server = make_server(app, replace(app.extensions["llamabox"].settings, port=0))  # what `llamabox serve` runs
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.effective_port}"

@@ -230,3 +230,15 @@ def test_bin_only_checkpoint_needs_the_torch_extra_or_converts(tmp_path):
     toks = tokens_of(folder, PROMPT)
     got, _ = llama_logits(tmp_path / "x.gguf", toks)
     assert np.abs(got - reference_logits(weights, TINY, toks)).max() < TOL["f32"]
+
+
+def test_model_ids_are_strict():
+    from convert.store import check_model_id, parse_ref
+    from runtime.errors import InvalidModelId
+
+    for bad in ("abc\n", "../x", "a/b", "A", "", ".hidden", "a" * 65, "x..y"):
+        with pytest.raises(InvalidModelId):
+            check_model_id(bad)
+    with pytest.raises(InvalidModelId):
+        parse_ref("llamav2-7b:q4_k_m\n")
+    assert parse_ref("llamav2-7b-chat:q8_0") == ("llamav2-7b-chat", "q8_0")

@@ -197,3 +197,70 @@ def test_prefix_cache_works_for_a_prompt_over_half_the_context(runtime):
     while sched._jobs and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sched._reserved == 0 and all(e.pins == 0 for e in sched._cache)
+
+
+def test_a_failing_text_callback_fails_only_its_own_request(runtime):
+    def broken(i, text):
+        raise BrokenPipeError("stdout went away")
+
+    other = {}
+    t = threading.Thread(target=lambda: other.setdefault("r", runtime.generate("Rivers", GenerationParams(max_length=60, temperature=0.0))))
+    t.start()
+    with pytest.raises(BrokenPipeError):
+        runtime.generate("Hello", GenerationParams(max_length=60, temperature=0.0), on_text=broken)
+    t.join()
+    assert other["r"].completions[0].generated_tokens > 0
+
+
+def test_cancelled_jobs_do_not_hold_queue_slots(gguf_files):
+    from runtime.errors import QueueFull
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 30
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert cond()
+
+    # One running sequence, one job waiting for room, one queue slot.
+    rt = load(gguf_files["q8_0"], n_ctx=512, n_threads=2, n_parallel=1, n_cache=0, queue_size=1)
+    sched = rt.scheduler
+    try:
+        a = rt.submit("A", GenerationParams(max_length=450, temperature=0.0))
+        wait_for(lambda: sched._active)
+        b = rt.submit("B", GenerationParams(max_length=10, temperature=0.0))
+        wait_for(lambda: sched._head is b)  # B waits for A's sequence; the queue is empty again
+        c = rt.submit("C", GenerationParams(max_length=10, temperature=0.0))
+        with pytest.raises(QueueFull):
+            rt.submit("D", GenerationParams(max_length=10, temperature=0.0))
+        c.cancel()  # C's client gave up while queued: its slot is free again
+        d = rt.submit("D", GenerationParams(max_length=10, temperature=0.0))
+        assert d.future.result(60).completions[0].generated_tokens > 0
+        assert c.future.cancelled() and a.future.result(60) and b.future.result(60)
+    finally:
+        rt.close()
+
+
+def test_close_fails_waiting_jobs_and_refuses_new_ones(gguf_files):
+    from runtime.errors import ShuttingDown
+
+    rt = load(gguf_files["q8_0"], n_ctx=512, n_threads=2, n_parallel=1, n_cache=0, queue_size=4)
+    jobs = [rt.submit("Hello", GenerationParams(max_length=400, temperature=0.0)) for _ in range(3)]
+    rt.close()
+    for j in jobs:
+        assert j.future.done()  # finished, or failed with ShuttingDown: nobody waits forever
+        if j.future.exception() is not None:
+            assert isinstance(j.future.exception(), ShuttingDown)
+    assert any(isinstance(j.future.exception(), ShuttingDown) for j in jobs[1:])
+    with pytest.raises(ShuttingDown):
+        rt.submit("Hello", GREEDY)
+
+
+def test_seeded_sampling_reproduces_with_a_cached_prompt(runtime):
+    """A ~100-token prompt: first evaluated in full, then mostly from the prefix cache."""
+    prompt = "Rivers flow to the sea, and the sea returns water to the sky as rain. " * 5
+    p = GenerationParams(max_length=30, temperature=0.8, seed=11)
+    first = texts(runtime.generate(prompt, p))
+    reused = runtime.scheduler.stats["prompt_tokens_reused"]
+    second = texts(runtime.generate(prompt, p))
+    assert runtime.scheduler.stats["prompt_tokens_reused"] > reused  # the second came from the cache
+    assert first == second

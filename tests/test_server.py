@@ -238,3 +238,19 @@ def test_client_that_hangs_up_cancels_its_generation(client, app):
     while sched.stats["jobs_cancelled"] == before and __import__("time").monotonic() < deadline:
         __import__("time").sleep(0.01)
     assert sched.stats["jobs_cancelled"] == before + 1
+
+
+@pytest.mark.parametrize("body,field", [
+    ('{"prompt": "a", "temperature": 1' + "0" * 400 + "}", "temperature"),
+    ('{"prompt": "\\ud800"}', "prompt"),
+    ('{"prompt": "a", "max_length": "\u0661\u0660\u0660"}', "max_length"),
+])
+def test_odd_but_valid_json_is_a_400_not_a_500(client, body, field):
+    assert assert_envelope(post(client, body.encode()), 400)["message"].startswith(field)
+
+
+def test_body_too_large_over_a_real_socket_is_the_envelope(live_server):
+    r = requests.post(live_server + "/predict", data=json.dumps({"prompt": "x" * 100_000}),
+                      headers={**AUTH, "Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert set(r.json()) == {"run_id", "run_time_ms", "message", "result"}
