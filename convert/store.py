@@ -62,7 +62,8 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second: the manifest's timestamps."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -202,7 +203,7 @@ class Store:
         digest = sha256_file(partial)
         size = partial.stat().st_size
         final = folder / name
-        m = self.manifest(model_id) or {"model_id": model_id, "files": {}, "created": _now()}
+        m = self.manifest(model_id) or {"model_id": model_id, "files": {}, "created": utc_now()}
         if name in m["files"]:
             # Replacing a file: unlist it first, so a crash mid-swap never leaves a listed file
             # whose bytes and manifest disagree.
@@ -211,7 +212,7 @@ class Store:
         os.replace(partial, final)
         m["source"] = source  # the latest conversion's source; each file also keeps its own
         m["converter_version"] = CONVERTER_VERSION
-        m["files"][name] = {"sha256": digest, "size": size, "quant": quant, "created": _now(), "source": source}
+        m["files"][name] = {"sha256": digest, "size": size, "quant": quant, "created": utc_now(), "source": source}
         write_json_atomic(folder / "manifest.json", m)
         return ModelFile(model_id, quant, final, digest, size)
 

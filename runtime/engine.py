@@ -120,13 +120,15 @@ def load(
     n_cache: int = 4,
     queue_size: int = 16,
     n_batch: int = 512,
+    use_mmap: bool = False,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
     chat=None decides from the model id ('*-chat*' models get Llama 2's [INST] format)."""
     path = Path(path)
     model_id = model_id or path.stem
     t0 = time.monotonic()
-    config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache)
+    config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache,
+                        use_mmap=use_mmap)
     model = LlamaModel(path, config)
     rt = Runtime(model, model_id, is_chat_model(model_id) if chat is None else chat, n_parallel, n_cache, queue_size, time.monotonic() - t0)
     log.info("loaded %s (%s) on %s in %.2fs: n_ctx %d, %d threads, %d parallel sequences",

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convert.pipeline import convert  # noqa: E402
-from convert.store import BUILTIN_DIR, CONVERTER_VERSION, _now, sha256_file, write_json_atomic  # noqa: E402
+from convert.store import BUILTIN_DIR, CONVERTER_VERSION, sha256_file, utc_now, write_json_atomic  # noqa: E402
 
 MODEL_ID = "llamabox-tiny"
 
@@ -49,11 +49,11 @@ def main() -> int:
         "model_id": MODEL_ID,
         "source": {"trained_by": "scripts/train_tiny_llama.py", "corpus": training.get("corpus", {}).get("sources")},
         "converter_version": CONVERTER_VERSION,
-        "created": _now(),
+        "created": utc_now(),
         "training": {k: training[k] for k in ("tokenizer", "model", "training", "seeds", "results", "environment") if k in training},
         "sizes": {r.quant: {"bytes": r.size_bytes, "bits_per_weight": round(r.bits_per_weight, 3)} for r in reports},
         "files": {name: {"sha256": sha256_file(dest / name), "size": (dest / name).stat().st_size,
-                         "quant": args.quant, "created": _now()}},
+                         "quant": args.quant, "created": utc_now()}},
     }
     write_json_atomic(dest / "manifest.json", manifest)
     print(f"installed {dest / name}")

@@ -65,7 +65,7 @@ def _load_runtime(path: Path, model_id: str, args) -> "object":
     from runtime import load
 
     return load(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, model_id=model_id,
-                n_parallel=getattr(args, "parallel", 4), queue_size=getattr(args, "queue_size", 16))
+                use_mmap=args.mmap, n_parallel=getattr(args, "parallel", 4), queue_size=getattr(args, "queue_size", 16))
 
 
 # --- commands ---------------------------------------------------------------------
@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
     settings = Settings(
         model=args.model, host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
         insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
-        n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
+        mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
     )
     settings.check()
     path, model_id, demo = resolve_model(settings.model, Store())
@@ -255,6 +255,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1 = all; needs a GPU build)")
+    p.add_argument("--mmap", action="store_true",
+                   help="map the model file instead of reading it: faster loads for types llama.cpp does not "
+                        "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")
     p.add_argument("--ctx", type=int, default=0,
                    help="context size in tokens, shared by running sequences (default: the model's, at most 4096)")
 

@@ -19,6 +19,7 @@ class Settings:
     insecure_no_auth: bool = False    # allow a non-loopback bind without a key
     threads: int = 0                  # llama.cpp threads; 0 = all cores
     gpu_layers: int = 0               # layers offloaded to Metal/CUDA; -1 = all
+    mmap: bool = False                # map the GGUF instead of reading it (see runtime.model.LoadConfig.use_mmap)
     n_ctx: int = 0                    # context (KV cells) shared by running sequences; 0 = the model's (<= 4096)
     n_parallel: int = 4               # sequences decoded together; also caps num_return_sequences
     queue_size: int = 16              # requests waiting beyond the running batch before 503

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,20 @@ def test_gpu_layers_on_a_cpu_build_is_a_plain_error(gguf_files):
         pytest.skip("this llama.cpp build can offload")
     with pytest.raises(BackendError, match="CPU-only"):
         load(gguf_files["q8_0"], n_gpu_layers=10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+@pytest.mark.parametrize("use_mmap", [False, True])
+def test_model_file_is_read_unless_mmap_is_asked(gguf_files, use_mmap):
+    # Read by default: a mapping would keep the file's pages resident beside llama.cpp's repacked copy.
+    path = Path(gguf_files["q8_0"]).resolve()
+    rt = load(path, n_ctx=64, use_mmap=use_mmap)
+    try:
+        mapped = str(path) in Path("/proc/self/maps").read_text()
+        assert mapped == use_mmap
+        assert rt.generate("Hello", GREEDY).completions[0].generated_tokens > 0
+    finally:
+        rt.close()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a gguf at all", b"GGUF\x03\x00\x00\x00" + b"\xff" * 64])
