@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound
+from server.settings import Settings, read_api_keys
 
 DEMO_ID = "llamabox-tiny"
 GET_LLAMA2 = "llamabox pull llamav2-7b-chat"
@@ -61,11 +62,11 @@ def resolve_model(ref: str | None, store) -> tuple[Path, str, bool]:
     return mf.path, mf.model_id, mf.model_id == DEMO_ID
 
 
-def _load_runtime(path: Path, model_id: str, args) -> "object":
+def _load_runtime(path: Path, model_id: str, settings: Settings):
     from runtime import load
 
-    return load(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, model_id=model_id,
-                use_mmap=args.mmap, n_parallel=getattr(args, "parallel", 4), queue_size=getattr(args, "queue_size", 16))
+    return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
+                use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -73,7 +74,6 @@ def _load_runtime(path: Path, model_id: str, args) -> "object":
 def cmd_serve(args) -> int:
     from convert.store import Store
     from server.app import create_app, make_server, set_runtime
-    from server.settings import Settings, read_api_keys
 
     settings = Settings(
         model=args.model, host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
@@ -88,7 +88,7 @@ def cmd_serve(args) -> int:
 
     def load_in_background():
         try:
-            set_runtime(app, _load_runtime(path, model_id, args))
+            set_runtime(app, _load_runtime(path, model_id, settings))
             rt = app.extensions["llamabox"].runtime
             print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
@@ -142,12 +142,11 @@ def cmd_generate(args) -> int:
         body["stop"] = args.stop
     if args.system is not None:
         body["system_prompt"] = args.system
-    from server.settings import Settings
-
-    Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx).check()
+    settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap)
+    settings.check()
     path, model_id, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
-    rt = _load_runtime(path, model_id, args)
+    rt = _load_runtime(path, model_id, settings)
     try:
         t0 = time.perf_counter()
         out = sys.stdout
