@@ -21,7 +21,8 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk and ~30 min on 2 cores).
+# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk; about an hour on 2 cores:
+# ~14 min to make, convert and quantize the checkpoint, ~40 min of measuring).
 bench: $(STAMP)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
