@@ -38,6 +38,7 @@ from runtime import GenerationParams, load  # noqa: E402
 
 N_GEN = 128
 N_PROMPT = 512
+GEN_PROMPT = "Once upon a time"  # every generation arm starts from this prompt
 
 
 def memory_bandwidth_gbs(n_bytes: int = 1 << 30, threads: int = 2, repeats: int = 5) -> float:
@@ -167,7 +168,7 @@ def llama_class(path: str, threads: int) -> float:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False)
-    toks = llm.tokenize(b"Once upon a time")
+    toks = llm.tokenize(GEN_PROMPT.encode())
     t = time.perf_counter()
     n = 0
     for _ in llm.generate(toks, temp=0.0, top_k=1):
@@ -208,7 +209,7 @@ def main() -> int:
     out["load_s"] = time.perf_counter() - t
     words = ("the quick brown fox jumps over the lazy dog " * 200).split()
     prompt_512 = rt.model.tokenize(" ".join(words), add_bos=True)[:N_PROMPT]
-    gen_prompt = rt.model.tokenize("Once upon a time", add_bos=True)
+    gen_prompt = rt.model.tokenize(GEN_PROMPT, add_bos=True)
     rt.generate("warm up", GenerationParams(max_length=4, temperature=0.0))  # first decode allocates the graph
 
     # HTTP end to end through waitress, as `llamabox serve` runs it.
@@ -253,8 +254,8 @@ def main() -> int:
     greedy = GenerationParams(max_length=N_GEN, temperature=0.0)
     gen = paired_rounds({
         "raw": lambda: raw.generate(gen_prompt, N_GEN),
-        "runtime": lambda: counted(lambda: rt.generate("Once upon a time", greedy)),
-        "http": lambda: counted(lambda: http({"prompt": "Once upon a time", "max_length": N_GEN, "temperature": 0})),
+        "runtime": lambda: counted(lambda: rt.generate(GEN_PROMPT, greedy)),
+        "http": lambda: counted(lambda: http({"prompt": GEN_PROMPT, "max_length": N_GEN, "temperature": 0})),
     }, rounds)
     out["gen_rounds"] = gen
     for k in gen:
@@ -270,7 +271,7 @@ def main() -> int:
     out["n_return"] = {}
     for n in (1, 2, 4, 8):
         t = time.perf_counter()
-        res = rt.generate("Once upon a time", sampled(n))
+        res = rt.generate(GEN_PROMPT, sampled(n))
         wall = time.perf_counter() - t
         out["n_return"][n] = {"wall_s": wall, "relative": wall / out["n_return"].get(1, {"wall_s": wall})["wall_s"],
                               "tokens": sum(c.generated_tokens for c in res.completions)}
@@ -279,8 +280,8 @@ def main() -> int:
     nr = paired_rounds({
         "raw_1": lambda: raw.generate(gen_prompt, N_GEN, 1, 0.8),
         "raw_4": lambda: raw.generate(gen_prompt, N_GEN, 4, 0.8),
-        "runtime_1": lambda: counted(lambda: rt.generate("Once upon a time", sampled(1))),
-        "runtime_4": lambda: counted(lambda: rt.generate("Once upon a time", sampled(4))),
+        "runtime_1": lambda: counted(lambda: rt.generate(GEN_PROMPT, sampled(1))),
+        "runtime_4": lambda: counted(lambda: rt.generate(GEN_PROMPT, sampled(4))),
     }, max(2, rounds // 2))
     # wall(n=4) / wall(n=1) = 4 * rate(1) / rate(4), per round
     out["n4_vs_n1_paired"] = {

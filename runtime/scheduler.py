@@ -105,7 +105,9 @@ class Scheduler:
         self._jobs: dict[int, tuple[Job, list[_Seq]]] = {}  # id(job) -> (job, its sequences)
         self._reserved = 0
         self._head: Job | None = None  # taken from the queue, waiting for room
-        # Counters for tests and benchmarks (written by the worker thread only).
+        # Counters for tests and benchmarks. The worker thread writes them, except jobs_cancelled,
+        # which submit() also bumps when it purges a full queue: that one goes through _count_cancelled.
+        self._stats_lock = threading.Lock()
         self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
@@ -127,13 +129,17 @@ class Scheduler:
                 self._queue.queue.extend(live)
                 self._queue.not_full.notify_all()
             for j in dropped:
-                self.stats["jobs_cancelled"] += 1
+                self._count_cancelled()
                 j.future.cancel()
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
                 raise QueueFull(f"the generation queue is full ({self._queue.maxsize} waiting); retry shortly") from None
         return job
+
+    def _count_cancelled(self) -> None:
+        with self._stats_lock:  # read-modify-write from two threads would lose counts
+            self.stats["jobs_cancelled"] += 1
 
     def close(self) -> None:
         """Stop the worker (after the decode in flight) and fail whatever was still waiting."""
@@ -180,7 +186,7 @@ class Scheduler:
             job = self._head
             if job.cancelled.is_set():
                 self._head = None
-                self.stats["jobs_cancelled"] += 1
+                self._count_cancelled()
                 job.future.cancel()
                 continue
             if not self._make_room(job):
@@ -390,7 +396,7 @@ class Scheduler:
         elif job.error is not None:
             job.future.set_exception(job.error)
         elif job.cancelled.is_set():
-            self.stats["jobs_cancelled"] += 1
+            self._count_cancelled()
             job.future.cancel()
         else:
             n_prompt = len(job.tokens)

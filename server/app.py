@@ -109,19 +109,18 @@ def _predict(model_id: str | None):
     gone = request.environ.get("waitress.client_disconnected", lambda: False)
     deadline = time.monotonic() + st.settings.request_timeout_s
     while True:
+        if gone():  # checked before each wait, so a client already gone costs nothing
+            job.cancel()
+            log.info("run %s: client disconnected; generation cancelled", g.run_id)
+            raise ApiError(499, "client closed the connection; generation cancelled")
+        if time.monotonic() > deadline:
+            job.cancel()
+            raise ApiError(504, f"generation did not finish within {st.settings.request_timeout_s:g} s and was cancelled")
         try:
-            if gone():  # checked before each wait, so a client already gone costs nothing
-                raise FutureTimeout
             result = job.future.result(timeout=POLL_S)
             break
         except FutureTimeout:
-            if gone():
-                job.cancel()
-                log.info("run %s: client disconnected; generation cancelled", g.run_id)
-                raise ApiError(499, "client closed the connection; generation cancelled") from None
-            if time.monotonic() > deadline:
-                job.cancel()
-                raise ApiError(504, f"generation did not finish within {st.settings.request_timeout_s:g} s and was cancelled") from None
+            continue
         except CancelledError:
             raise ApiError(503, "the request was cancelled", {"Retry-After": "1"}) from None
     return envelope(OK_MESSAGE, [{"generated_text": prompt + c.text} for c in result.completions])
