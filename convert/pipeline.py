@@ -1,11 +1,12 @@
 """HF checkpoint -> F16 GGUF -> quantized GGUFs, into the store or a folder.
 
 Every file is written under a partial name and renamed only when complete, so
-an interrupted conversion leaves nothing that `llamabox list` shows; a rerun
-removes the leftovers and starts that file again.
+an interrupted conversion leaves nothing that `llamabox list` shows; the next
+write to the store removes the leftovers (see convert/store.py).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from runtime.quantize import QUANT_TYPES, quantize
 
 from .checkpoint import index_tensors, read_config
 from .hf_to_gguf import export_gguf
-from .store import TMP_MARK, ModelFile, Store, check_model_id
+from .store import TMP_MARK, Store, check_model_id, fsync_path, sha256_file, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,36 @@ def _count_params(src: Path) -> int:
     return n
 
 
+def checkpoint_fingerprint(src: Path) -> str:
+    """A cheap fingerprint of a local HF checkpoint, so the store can tell two checkpoints apart.
+
+    Not a full hash (that would read all 13 GB of a 7B model): the small files that define the
+    model (config, tokenizer, shard index) are hashed whole; each weight file adds its name, its
+    size and its first and last 64 KiB, which hold the safetensors header (every tensor's name,
+    dtype, shape and offset) and real weights at both ends. Two different checkpoints differ
+    there in practice; a change confined to the middle of a weight file is not seen.
+    """
+    h = hashlib.sha256()
+    for name in _DEFINING_FILES:
+        p = src / name
+        if p.is_file():
+            h.update(f"{name}\0{sha256_file(p)}\0".encode())
+    for p in sorted(src.glob("*.safetensors")) + sorted(src.glob("pytorch_model*.bin")):
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(_EDGE))
+            f.seek(max(size - _EDGE, 0))
+            h.update(f.read(_EDGE))
+    return f"local:{h.hexdigest()}"
+
+
+_DEFINING_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")
+_EDGE = 64 * 1024
+
+
 def convert(
     src: Path,
     quants: list[str],
@@ -79,23 +110,49 @@ def convert(
     model_id: str | None = None,
     out_dir: Path | None = None,
     source: dict[str, Any] | None = None,
+    force: bool = False,
     n_threads: int = 0,
     progress: Progress | None = None,
 ) -> list[QuantReport]:
-    """Convert `src` to every type in `quants`, into `store` (as model_id) or into `out_dir`."""
+    """Convert `src` to every type in `quants`, into `store` (as model_id) or into `out_dir`.
+
+    Into the store: `source` says where `src` came from (default: the folder, fingerprinted);
+    a model id that holds another checkpoint is refused unless `force`, which replaces the
+    whole model (see Store.writing).
+    """
     if (store is None) == (out_dir is None):
         raise ValueError("give exactly one of store and out_dir")
     model_id = check_model_id(model_id) if model_id else model_id_for(src)  # also names files in out_dir
     n_params = _count_params(src)
-    if store is not None:
-        store.clean_partials(model_id)
-        work = store.models_dir / model_id
-    else:
-        work = out_dir
-    work.mkdir(parents=True, exist_ok=True)
+    if store is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        def place(partial: Path, q: str) -> Path:
+            final = out_dir / f"{model_id}.{q}.gguf"
+            fsync_path(partial)
+            os.replace(partial, final)
+            fsync_path(out_dir)
+            return final
+
+        try:
+            return _convert_into(src, out_dir, model_id, quants, n_params, place, n_threads, progress)
+        finally:
+            for p in out_dir.glob(f"*{TMP_MARK}{os.getpid()}"):
+                p.unlink(missing_ok=True)
+
+    source = dict(source or {"path": str(src.resolve())})
+    if source_fingerprint(source) is None:
+        source["fingerprint"] = checkpoint_fingerprint(src)
+    with store.writing(model_id, source, force=force) as w:
+        return _convert_into(src, w.folder, model_id, quants, n_params, lambda partial, q: w.add_file(partial, q).path,
+                             n_threads, progress)
+
+
+def _convert_into(src: Path, work: Path, model_id: str, quants: list[str], n_params: int,
+                  place: Callable[[Path, str], Path], n_threads: int, progress: Progress | None) -> list[QuantReport]:
+    """Write the F16 GGUF and each quantized file as partials in `work`; `place` puts each finished one."""
     _check_disk(work, n_params, quants)
     n_threads = n_threads or (os.cpu_count() or 1)
-
     f16 = work / f".{model_id}.intermediate-f16.gguf{TMP_MARK}{os.getpid()}"
     reports: list[QuantReport] = []
     try:
@@ -112,15 +169,9 @@ def convert(
                 quantize(f16, partial, q, n_threads)
                 seconds = time.monotonic() - t0
             size = partial.stat().st_size
-            if store is not None:
-                mf: ModelFile = store.add_file(model_id, partial, q, source or {"path": str(src)})
-                final = mf.path
-            else:
-                final = work / f"{model_id}.{q}.gguf"
-                os.replace(partial, final)
+            final = place(partial, q)
             reports.append(QuantReport(q, final, size, size * 8 / n_params, seconds))
             log.info("%s %s: %.1f MiB, %.2f bits/weight, %.1fs", model_id, q, size / 2**20, size * 8 / n_params, seconds)
     finally:
-        for p in work.glob(f"*{TMP_MARK}{os.getpid()}"):
-            p.unlink(missing_ok=True)
+        f16.unlink(missing_ok=True)
     return reports

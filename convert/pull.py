@@ -5,7 +5,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runtime.errors import InvalidParameter
 
@@ -19,17 +19,25 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._
 _GGUF_QUANT = re.compile(r"(q\d_k_[sml]|q\d_k|q\d_\d|f16|bf16|f32)", re.IGNORECASE)
 
 
-def fetch_source(src: str, revision: str | None = None, store: Store | None = None) -> tuple[Path, dict[str, Any]]:
+class Fetched(NamedTuple):
+    folder: Path
+    source: dict[str, Any]
+    downloaded: bool  # True only for a download made here, into the store's downloads area: ours to delete
+
+
+def fetch_source(src: str, revision: str | None = None, store: Store | None = None) -> Fetched:
     """A local HF folder as-is, or a Hub repo id downloaded into the store's download area."""
     p = Path(src).expanduser()
     if p.is_dir():
-        return p, {"path": str(p.resolve())}
+        if _REPO_ID.match(src):
+            log.info("%s is a folder here: converting it, not the Hub repo of that name", src)
+        return Fetched(p, {"path": str(p.resolve())}, downloaded=False)
     if not _REPO_ID.match(src) or ".." in src:
         raise InvalidParameter("src", f"{src!r} is neither a folder nor a Hub repo id (owner/name)")
     store = store or Store()
     dest = store.home / "downloads" / src.replace("/", "--")
     folder, commit = download_checkpoint(src, dest, revision=revision)
-    return folder, {"repo": src, "revision": commit}
+    return Fetched(folder, {"repo": src, "revision": commit}, downloaded=True)
 
 
 def pull(
@@ -40,30 +48,39 @@ def pull(
     gguf: str | None = None,
     model_id: str | None = None,
     keep_download: bool = False,
+    force: bool = False,
     store: Store | None = None,
 ) -> list[QuantReport]:
     store = store or Store()
     model_id = check_model_id(model_id or name)
     if gguf:
-        store.clean_partials(model_id)
-        # Everything the download writes lives in a partial-marked folder, so an interrupted
-        # pull leaves nothing listed and the next pull's clean_partials removes it.
-        staging = store.partial_path(model_id, "gguf-download")
-        try:
-            path, sha = download_gguf(gguf, staging)
-            m = _GGUF_QUANT.search(path.name)
-            quant = m.group(1).lower() if m else "gguf"
-            mf = store.add_file(model_id, path, quant, {"repo": gguf.partition(":")[0], "file": gguf.partition(":")[2], "sha256": sha})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        source = {"repo": gguf.partition(":")[0], "file": gguf.partition(":")[2]}
+        with store.writing(model_id, source, force=force) as w:
+            # The download lives in a partial-marked folder of this write, so an interrupted pull
+            # leaves nothing listed and the next write to the store sweeps it.
+            staging = w.partial("gguf-download")
+            try:
+                path, sha = download_gguf(gguf, staging)
+                m = _GGUF_QUANT.search(path.name)
+                quant = m.group(1).lower() if m else "gguf"
+                w.source = {**w.source, "sha256": sha}
+                mf = w.add_file(path, quant)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return [QuantReport(quant, mf.path, mf.size, float("nan"), 0.0)]
 
     repo = repo or MODEL_REPOS.get(name)
     if repo is None:
         raise InvalidParameter("name", f"unknown model {name!r}: use {' or '.join(MODEL_REPOS)}, or give --repo owner/name")
     qs = parse_quants(quants)
-    folder, source = fetch_source(repo, revision=revision, store=store)
-    reports = convert(folder, qs, store=store, model_id=model_id, source=source)
-    if not keep_download:
-        shutil.rmtree(folder, ignore_errors=True)
+    if not Path(repo).expanduser().is_dir():
+        # Refuse before a long download when the id surely holds another checkpoint; the exact
+        # commit is known only after it, and the conversion checks again under the model's lock.
+        store.check_writable(model_id, lambda fp: fp.startswith(f"hub:{repo}@"), force)
+    fetched = fetch_source(repo, revision=revision, store=store)
+    reports = convert(fetched.folder, qs, store=store, model_id=model_id, source=fetched.source, force=force)
+    # Never delete what llamabox did not download: a --repo that is a local folder is the user's.
+    downloads = (store.home / "downloads").resolve()
+    if fetched.downloaded and not keep_download and fetched.folder.resolve().is_relative_to(downloads):
+        shutil.rmtree(fetched.folder, ignore_errors=True)
     return reports

@@ -19,7 +19,7 @@ from .chat import format_user_turn, is_chat_model
 from .errors import ContextOverflow, InvalidParameter, ShuttingDown
 from .model import MAX_SEED, LlamaModel, LoadConfig
 from .params import GenerationParams, Result
-from .scheduler import Job, Scheduler, TextCallback
+from .scheduler import DEFAULT_PREFILL_CHUNK, Job, Scheduler, TextCallback
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,17 @@ class RuntimeInfo:
 
 
 class Runtime:
-    def __init__(self, model: LlamaModel, model_id: str, chat: bool, n_parallel: int, n_cache: int, queue_size: int, load_seconds: float):
+    def __init__(self, model: LlamaModel, model_id: str, chat: bool, n_parallel: int, n_cache: int, queue_size: int, load_seconds: float,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.model = model
         self.chat = chat
-        # Guards the model's lifetime: tokenizing (any thread) never overlaps close().
-        self._lock = threading.Lock()
+        # Guards the model's lifetime: close() waits until no thread is tokenizing. Tokenizing
+        # itself runs outside the lock (llama.cpp's vocabulary is read-only), so HTTP threads
+        # never queue behind each other's long prompts.
+        self._lock = threading.Condition()
+        self._tokenizing = 0
         self._closed = False
-        self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size)
+        self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size, prefill_chunk=prefill_chunk)
         self.info = RuntimeInfo(
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
@@ -57,10 +61,16 @@ class Runtime:
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the runtime is shut down")
+            self._tokenizing += 1
+        try:
             if self.chat:
                 tokens = [self.model.bos] + self.model.tokenize(format_user_turn(prompt, params.system_prompt), add_bos=False)
             else:
                 tokens = self.model.tokenize(prompt, add_bos=True)
+        finally:
+            with self._lock:
+                self._tokenizing -= 1
+                self._lock.notify_all()
         need = len(tokens) + params.num_return_sequences * params.max_length
         if need > self.model.n_ctx:
             room = self.model.n_ctx - len(tokens)
@@ -96,7 +106,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.scheduler.alive
+        return self.scheduler.alive and not self._closed
 
     def close(self) -> None:
         """Finish the decode in flight, fail what waits, then free llama.cpp's memory. Idempotent."""
@@ -106,6 +116,7 @@ class Runtime:
             self._closed = True
         self.scheduler.close()
         with self._lock:
+            self._lock.wait_for(lambda: self._tokenizing == 0)
             self.model.close()
 
 
@@ -121,6 +132,7 @@ def load(
     queue_size: int = 16,
     n_batch: int = 512,
     use_mmap: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
     chat=None decides from the model id ('*-chat*' models get Llama 2's [INST] format)."""
@@ -130,7 +142,12 @@ def load(
     config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache,
                         use_mmap=use_mmap)
     model = LlamaModel(path, config)
-    rt = Runtime(model, model_id, is_chat_model(model_id) if chat is None else chat, n_parallel, n_cache, queue_size, time.monotonic() - t0)
+    try:
+        rt = Runtime(model, model_id, is_chat_model(model_id) if chat is None else chat, n_parallel, n_cache, queue_size,
+                     time.monotonic() - t0, prefill_chunk)
+    except BaseException:
+        model.close()
+        raise
     log.info("loaded %s (%s) on %s in %.2fs: n_ctx %d, %d threads, %d parallel sequences",
              model_id, path.name, rt.info.backend, rt.info.load_seconds, rt.info.n_ctx, rt.info.n_threads, n_parallel)
     return rt

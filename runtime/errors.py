@@ -55,6 +55,15 @@ class ShuttingDown(QueueFull):
     """The runtime is closing and takes no more work."""
 
 
+class WorkerDied(ShuttingDown):
+    """The generation worker thread stopped on an unexpected error; the runtime takes no more work."""
+
+
+class KVCacheFull(QueueFull):
+    """llama.cpp found no free KV cells for a batch (llama_decode returned 1), even after the
+    prefix cache was emptied: the request that did not fit is failed and can be retried."""
+
+
 class ConversionError(LlamaboxError):
     """A checkpoint could not be converted to GGUF."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from .errors import BackendError, ModelLoadError
+from .errors import BackendError, KVCacheFull, ModelLoadError
 from .params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,10 @@ class LlamaModel:
             b.logits[i] = logits
         b.n_tokens = len(entries)
         rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc == 1:
+            # llama.h: "could not find a KV slot for the batch (try reducing the size of the batch
+            # or increase the context)". Recoverable: the memory is as it was before the call.
+            raise KVCacheFull(f"no free KV cells for a batch of {len(entries)} tokens", retry_after_s=1)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} ({len(entries)} tokens)")
 

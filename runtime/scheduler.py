@@ -1,26 +1,40 @@
 """Continuous batching on one llama.cpp context, driven by one worker thread.
 
 A llama.cpp context is not thread-safe, so every decode, memory edit and sample
-happens on the worker thread below. Other threads only `submit()` jobs into a
-bounded queue and wait on a Future.
+happens on the worker thread below. Other threads only `submit()` jobs and wait
+on a Future.
 
 On a CPU a decode step is bound by memory bandwidth: it reads every weight once
 whether it advances one sequence or eight. So:
   * num_return_sequences = n evaluates the prompt once (sequence s0), copies its
     KV cells to n-1 more sequences (llama_memory_seq_cp: in the unified KV cache
     that only tags cells, it copies nothing), and decodes all n together;
-  * a job that arrives while others run joins the batch at the next step;
+  * a job that arrives while others run joins the batch: its prompt is evaluated
+    in chunks of at most `prefill_chunk` tokens that ride in the same llama_decode
+    as the running sequences' next tokens, so a long prompt never freezes them;
   * evaluated prompts stay tagged with spare "cache" sequence ids, so a later
     prompt that starts with the same tokens copies them instead of recomputing.
+
+Admission: at most n_parallel + queue_size requests are in the runtime at once
+(running, evaluating their prompt, or waiting); the next submit() gets QueueFull.
+The count does not depend on how far the worker has got, so it is exact.
 
 KV budget: the context has n_ctx cells shared by all sequences. Each cache entry
 counts its length; a job reserves prompt + n * max_length cells, less the prompt
 cells it shares with cache entries (those entries are pinned while it runs, so
-the cells stay accounted for). A decode never runs out of cells mid-generation.
+the cells stay accounted for). If llama.cpp still finds no slot (llama_decode
+returns 1, e.g. after fragmentation), that is back-pressure, not a failure: the
+worker evicts cache entries, then puts a prompt being evaluated back in line,
+and only then fails the youngest running request with KVCacheFull (a 503).
+
+The worker's owner: if the worker thread ever stops on an unexpected error,
+`dead` says why, every waiting request fails at once, and submit() refuses new
+work with WorkerDied instead of letting callers wait out their timeout.
 """
 from __future__ import annotations
 
 import codecs
+import collections
 import logging
 import queue
 import threading
@@ -29,7 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import QueueFull, ShuttingDown
+from .errors import KVCacheFull, QueueFull, ShuttingDown, WorkerDied
 from .model import MAX_SEED, LlamaModel, Sampler
 from .params import Completion, GenerationParams, Result
 
@@ -37,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # on_text(sequence_index, text_delta): called on the worker thread as text becomes final.
 TextCallback = Callable[[int, str], None]
+
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step while other sequences generate (see README "Concurrency")
 
 
 @dataclass
@@ -50,6 +66,8 @@ class Job:
     error: BaseException | None = None  # set by the worker when the job's own callback failed
     reserved: int = 0                 # KV cells this job holds in the budget (set by the worker)
     pinned: list = field(default_factory=list)  # cache entries whose cells this job shares
+    cursor: int = 0                   # prompt tokens evaluated (or reused) so far
+    reused: int = 0                   # prompt tokens copied from the prefix cache
 
     @property
     def cells_needed(self) -> int:
@@ -83,6 +101,13 @@ class _CacheEntry:
     pins: int = 0           # running jobs sharing these cells: an entry is never evicted while pinned
 
 
+def _cancel(future: Future) -> None:
+    """Cancel a job's future and wake everything that waits on it: Future.cancel() alone leaves
+    concurrent.futures.wait() callers asleep (they are notified by set_running_or_notify_cancel)."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -92,23 +117,35 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, model: LlamaModel, n_parallel: int, n_cache: int, queue_size: int, min_cached_prompt: int = 32):
+    def __init__(self, model: LlamaModel, n_parallel: int, n_cache: int, queue_size: int, min_cached_prompt: int = 32,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         assert n_parallel + n_cache <= model.config.n_seq_max
+        assert n_parallel < model.config.n_batch, "a decode step must fit every running sequence plus a prompt chunk"
         self.model = model
         self.n_parallel = n_parallel          # sequences decoded together at most
+        self.capacity = n_parallel + queue_size  # requests admitted at once (running or waiting)
         self.min_cached_prompt = min_cached_prompt  # shorter prompts are not worth a cache slot
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, waiting for room
         self._free_ids = list(range(n_parallel))
         self._free_cache_ids = list(range(n_parallel, n_parallel + n_cache))
         self._cache: list[_CacheEntry] = []
-        self._active: list[_Seq] = []
+        self._active: list[_Seq] = []        # sequences generating
+        self._prefill: list[Job] = []        # admitted jobs whose prompts are being evaluated, oldest first
         self._jobs: dict[int, tuple[Job, list[_Seq]]] = {}  # id(job) -> (job, its sequences)
         self._reserved = 0
-        self._head: Job | None = None  # taken from the queue, waiting for room
-        # Counters for tests and benchmarks. The worker thread writes them, except jobs_cancelled,
-        # which submit() also bumps when it purges a full queue: that one goes through _count_cancelled.
+        # Admission: _lock guards _inflight, _accepting and the put into _queue, so that a submit
+        # can never slip in after the worker's final drain.
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._accepting = True
+        self.dead: BaseException | None = None  # why the worker stopped, if it stopped on an error
+        # Counters for tests and benchmarks. The worker writes them, except jobs_cancelled, which
+        # submit() also bumps when it purges cancelled waiting jobs: that goes through _count_cancelled.
         self._stats_lock = threading.Lock()
-        self.stats = {"prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0}
+        self.stats = {"jobs_submitted": 0, "prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0,
+                      "kv_full_retries": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
@@ -116,26 +153,48 @@ class Scheduler:
     # --- any thread --------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
-        if self._stop.is_set():
-            raise ShuttingDown("the runtime is shutting down")
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            # Jobs whose clients gave up still sit in the queue: drop them, then try once more.
-            with self._queue.mutex:
-                live = [j for j in self._queue.queue if not j.cancelled.is_set()]
-                dropped = [j for j in self._queue.queue if j.cancelled.is_set()]
-                self._queue.queue.clear()
-                self._queue.queue.extend(live)
-                self._queue.not_full.notify_all()
-            for j in dropped:
-                self._count_cancelled()
-                j.future.cancel()
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise QueueFull(f"the generation queue is full ({self._queue.maxsize} waiting); retry shortly") from None
+        with self._lock:
+            self._check_accepting()
+            if self._inflight >= self.capacity:
+                purged = self._purge_cancelled()
+            else:
+                purged = []
+        for j in purged:  # outside the lock: the done-callbacks take it
+            self._count_cancelled()
+            _cancel(j.future)
+        with self._lock:
+            self._check_accepting()
+            if self._inflight >= self.capacity:
+                raise QueueFull(f"the server is at capacity ({self.capacity} requests running or waiting); retry shortly")
+            self._inflight += 1
+            self.stats["jobs_submitted"] += 1  # under _lock: submit() runs on many threads
+            job.future.add_done_callback(self._release)
+            self._queue.put(job)
         return job
+
+    def _check_accepting(self) -> None:
+        if self.dead is not None:
+            raise WorkerDied(f"the generation worker stopped on an error ({type(self.dead).__name__}: {self.dead}); "
+                             "restart the server")
+        if not self._accepting or self._stop.is_set():
+            raise ShuttingDown("the runtime is shutting down")
+
+    def _purge_cancelled(self) -> list[Job]:
+        """Take the queued jobs whose clients gave up out of the queue (caller holds _lock)."""
+        kept, dropped = [], []
+        while True:
+            try:
+                j = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            (dropped if j.cancelled.is_set() else kept).append(j)
+        for j in kept:
+            self._queue.put(j)
+        return dropped
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
+            self._inflight -= 1
 
     def _count_cancelled(self) -> None:
         with self._stats_lock:  # read-modify-write from two threads would lose counts
@@ -148,55 +207,75 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.dead is None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
 
     # --- worker thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                if self._active:
-                    self._step()
-            except Exception as e:  # a failed decode: fail what was running, keep serving
-                log.exception("generation step failed")
-                self._fail_all(e)
-        # Shutting down: nobody may wait forever on a job that will never run.
-        down = ShuttingDown("the runtime shut down before this request finished")
-        for job, _ in list(self._jobs.values()):
-            self._finish_job(job, error=down)
-        pending = [self._head] if self._head is not None else []
-        self._head = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if self._active or self._prefill:
+                        self._step()
+                except Exception as e:  # a failed decode: fail what was running, keep serving
+                    log.exception("generation step failed")
+                    self._fail_all(e)
+        except BaseException as e:  # anything that escapes the loop kills the worker: say so, loudly
+            self.dead = e
+            log.critical("the generation worker stopped: %s: %s; failing all requests", type(e).__name__, e, exc_info=e)
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Fail every job still here. Must not raise: nobody may wait forever on a job that will never run."""
+        with self._lock:
+            self._accepting = False  # from here on submit() refuses, so the queue only shrinks
+        if self.dead is not None:
+            down: BaseException = WorkerDied(f"the generation worker stopped on an error ({type(self.dead).__name__}); "
+                                             "restart the server")
+        else:
+            down = ShuttingDown("the runtime shut down before this request finished")
+        jobs = [job for job, _ in self._jobs.values()] + list(self._waiting)
         while True:
             try:
-                pending.append(self._queue.get_nowait())
+                jobs.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        for job in pending:
+        for job in jobs:
             if not job.future.done():
-                job.future.set_exception(down)
+                try:
+                    job.future.set_exception(down)
+                except Exception:  # InvalidStateError: a racing cancel() got there first
+                    pass
+        try:  # best effort: the model may be what broke
+            for job in list(j for j, _ in self._jobs.values()):
+                self._finish_job(job)
+        except Exception:
+            log.exception("freeing sequences after the worker stopped failed")
 
     def _admit(self) -> None:
         while True:
-            if self._head is None:
+            if not self._waiting:
                 try:
-                    self._head = self._queue.get(timeout=0.05) if not self._active else self._queue.get_nowait()
+                    busy = self._active or self._prefill
+                    self._waiting.append(self._queue.get_nowait() if busy else self._queue.get(timeout=0.05))
                 except queue.Empty:
                     return
-            job = self._head
+            job = self._waiting[0]
             if job.cancelled.is_set():
-                self._head = None
+                self._waiting.popleft()
                 self._count_cancelled()
-                job.future.cancel()
+                _cancel(job.future)
                 continue
             if not self._make_room(job):
                 return
-            self._head = None
-            try:
-                self._start(job)
-            except Exception as e:
-                log.exception("prompt evaluation failed")
-                self._finish_job(job, error=e)
+            self._waiting.popleft()
+            self._begin(job)
 
     def _cache_cells(self) -> int:
         return sum(len(e.tokens) for e in self._cache)
@@ -230,52 +309,112 @@ class Scheduler:
         self._cache.remove(entry)
         self._free_cache_ids.append(entry.seq_id)
 
-    def _start(self, job: Job) -> None:
+    def _evict_lru(self) -> bool:
+        victims = [e for e in self._cache if e.pins == 0]
+        if not victims:
+            return False
+        self._evict(min(victims, key=lambda e: e.last_used))
+        return True
+
+    def _begin(self, job: Job) -> None:
+        """Give an admitted job its sequences and budget, copy its cached prefix, queue its prompt."""
         p = job.params
-        tokens = job.tokens
         ids = [self._free_ids.pop() for _ in range(p.num_return_sequences)]
         seqs = [
-            _Seq(job, i, sid, self.model.new_sampler(p, (job.seed + i * 1_000_003) % (MAX_SEED + 1), tokens), pos=len(tokens))
+            _Seq(job, i, sid, self.model.new_sampler(p, (job.seed + i * 1_000_003) % (MAX_SEED + 1), job.tokens), pos=len(job.tokens))
             for i, sid in enumerate(ids)
         ]
         self._jobs[id(job)] = (job, seqs)
-        s0 = ids[0]
-
         # Reuse the longest cached prefix; at least one token is always evaluated for logits.
-        best, start = self._best_prefix(tokens)
+        best, start = self._best_prefix(job.tokens)
         job.reserved = job.cells_needed - start
         self._reserved += job.reserved
         if start > 0:
-            self.model.seq_copy(best.seq_id, s0, 0, start)
+            self.model.seq_copy(best.seq_id, ids[0], 0, start)
             best.last_used = time.monotonic()
             best.pins += 1
             job.pinned.append(best)
-        log.debug("prompt of %d tokens, %d reused from the prefix cache", len(tokens), start)
+        job.cursor = job.reused = start
+        log.debug("prompt of %d tokens, %d reused from the prefix cache", len(job.tokens), start)
         self.stats["prompt_tokens_reused"] += start
-        self.stats["prompt_tokens_evaluated"] += len(tokens) - start
+        self._prefill.append(job)
 
-        step = self.model.config.n_batch
-        for c in range(start, len(tokens), step):
-            if job.cancelled.is_set():  # a long prompt is not worth finishing for nobody
-                self._finish_job(job)
-                return
-            if self._stop.is_set():
-                self._finish_job(job, error=ShuttingDown("the runtime shut down during prompt evaluation"))
-                return
-            chunk = tokens[c : c + step]
-            last = c + len(chunk) == len(tokens)
-            self.model.decode([(t, c + k, s0, last and k == len(chunk) - 1) for k, t in enumerate(chunk)])
-        logits_index = (len(tokens) - start - 1) % step
-        for sid in ids[1:]:
-            self.model.seq_copy(s0, sid)
-        self._remember(job, start, s0)
+    def _requeue(self, job: Job) -> None:
+        """Undo _begin for a job whose prompt is still being evaluated, and put it first in line."""
+        self._prefill.remove(job)
+        self._release_job(job)
+        self.stats["prompt_tokens_reused"] -= job.reused  # counted again when it restarts
+        job.cursor = job.reused = 0
+        self._waiting.appendleft(job)
 
+    def _step(self) -> None:
+        """One llama_decode: every generating sequence's next token, plus a chunk of the oldest prompt."""
+        for s in self._active:
+            if s.job.cancelled.is_set():
+                s.finish = "cancelled"
+        self._retire()
+        for job in [j for j in self._prefill if j.cancelled.is_set()]:
+            self._finish_job(job)  # a long prompt is not worth finishing for nobody
+        gen = self._active[: self.model.config.n_batch - 1]
+        pre = self._prefill[0] if self._prefill else None
+        while True:
+            entries = [(s.next_token, s.pos, s.seq_id, True) for s in gen]
+            chunk: list[int] = []
+            if pre is not None:
+                room = self.model.config.n_batch - len(entries)
+                # Alone, a prompt goes at full batch size; beside running sequences, in small
+                # chunks, so that each of their tokens waits for at most prefill_chunk prompt tokens.
+                chunk = pre.tokens[pre.cursor : pre.cursor + (min(room, self.prefill_chunk) if gen else room)]
+                s0 = self._jobs[id(pre)][1][0].seq_id
+                last = pre.cursor + len(chunk) == len(pre.tokens)
+                entries += [(t, pre.cursor + k, s0, last and k == len(chunk) - 1) for k, t in enumerate(chunk)]
+            if not entries:
+                return
+            try:
+                self.model.decode(entries)
+                break
+            except KVCacheFull as e:
+                # Back-pressure, in order of least harm: drop a cached prompt, put the prompt being
+                # evaluated back in line, fail the youngest running request.
+                self.stats["kv_full_retries"] += 1
+                if self._evict_lru():
+                    continue
+                if pre is not None and gen:
+                    log.info("no KV slot: prompt of %d tokens goes back in line", len(pre.tokens))
+                    self._requeue(pre)
+                    pre = None
+                    continue
+                if pre is not None:  # alone and still no room: retrying would loop forever
+                    self._finish_job(pre, error=e)
+                    return
+                victim = gen[-1].job
+                log.warning("no KV slot even with the prefix cache empty: failing one request of %d running", len(self._jobs))
+                self._finish_job(victim, error=e)
+                gen = [s for s in gen if s.job is not victim]
+        for j, s in enumerate(gen):
+            s.pos += 1
+            self._accept(s, self.model.sample(s.sampler, j))
+        if pre is not None:
+            pre.cursor += len(chunk)
+            self.stats["prompt_tokens_evaluated"] += len(chunk)
+            if pre.cursor == len(pre.tokens):
+                self._prompt_done(pre, logits_index=len(entries) - 1)
+        self._retire()
+
+    def _prompt_done(self, job: Job, logits_index: int) -> None:
+        """The prompt is in s0's cells: copy them to the other sequences, cache them, sample the first tokens."""
+        self._prefill.remove(job)
+        seqs = self._jobs[id(job)][1]
+        s0 = seqs[0].seq_id
+        for s in seqs[1:]:
+            self.model.seq_copy(s0, s.seq_id)
+        self._remember(job, s0)
         for s in seqs:
             self._accept(s, self.model.sample(s.sampler, logits_index))
         self._active.extend(s for s in seqs if s.finish is None)
         self._maybe_finish(job)
 
-    def _remember(self, job: Job, start: int, s0: int) -> None:
+    def _remember(self, job: Job, s0: int) -> None:
         """Keep this prompt's KV cells under a cache sequence id for later prefix reuse.
 
         The entry takes over the accounting of the job's own prompt cells (tokens[start:]),
@@ -284,12 +423,9 @@ class Scheduler:
         tokens = job.tokens
         if len(tokens) < self.min_cached_prompt or any(e.tokens == tokens for e in self._cache):
             return
-        if not self._free_cache_ids:
-            victims = [e for e in self._cache if e.pins == 0]
-            if not victims:
-                return
-            self._evict(min(victims, key=lambda e: e.last_used))
-        own = len(tokens) - start
+        if not self._free_cache_ids and not self._evict_lru():
+            return
+        own = len(tokens) - job.reused  # the cells this job evaluated itself
         if self._reserved - own + self._cache_cells() + len(tokens) > self.model.n_ctx:
             return
         entry = _CacheEntry(self._free_cache_ids.pop(), list(tokens), time.monotonic(), pins=1)
@@ -298,20 +434,6 @@ class Scheduler:
         job.pinned.append(entry)
         job.reserved -= own
         self._reserved -= own
-
-    def _step(self) -> None:
-        for s in self._active:
-            if s.job.cancelled.is_set():
-                s.finish = "cancelled"
-        self._retire()
-        if not self._active:
-            return
-        batch = self._active[: self.model.batch_capacity]
-        self.model.decode([(s.next_token, s.pos, s.seq_id, True) for s in batch])
-        for j, s in enumerate(batch):
-            s.pos += 1
-            self._accept(s, self.model.sample(s.sampler, j))
-        self._retire()
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Take a freshly sampled token: end on EOS, stop string or length, else queue it for decoding."""
@@ -371,24 +493,33 @@ class Scheduler:
             self._maybe_finish(job)
 
     def _maybe_finish(self, job: Job) -> None:
-        _, seqs = self._jobs[id(job)]
-        if all(s.finish is not None for s in seqs):
+        entry = self._jobs.get(id(job))
+        if entry is not None and all(s.finish is not None for s in entry[1]):
             self._finish_job(job)
 
-    def _finish_job(self, job: Job, error: BaseException | None = None) -> None:
+    def _release_job(self, job: Job) -> list[_Seq]:
+        """Free a job's sequences, samplers, budget and pins; returns its sequences."""
         entry = self._jobs.pop(id(job), None)
-        if entry is not None:
-            _, seqs = entry
-            for s in seqs:
-                self.model.seq_remove(s.seq_id)
-                s.sampler.free()
-                self._free_ids.append(s.seq_id)
-                if s in self._active:
-                    self._active.remove(s)
-            self._reserved -= job.reserved
-            for e in job.pinned:
-                e.pins -= 1
-            job.pinned.clear()
+        if entry is None:
+            return []
+        _, seqs = entry
+        for s in seqs:
+            self.model.seq_remove(s.seq_id)
+            s.sampler.free()
+            self._free_ids.append(s.seq_id)
+            if s in self._active:
+                self._active.remove(s)
+        self._reserved -= job.reserved
+        job.reserved = 0
+        for e in job.pinned:
+            e.pins -= 1
+        job.pinned.clear()
+        return seqs
+
+    def _finish_job(self, job: Job, error: BaseException | None = None) -> None:
+        if job in self._prefill:
+            self._prefill.remove(job)
+        seqs = self._release_job(job)
         if job.future.done():
             return
         if error is not None:
@@ -397,12 +528,10 @@ class Scheduler:
             job.future.set_exception(job.error)
         elif job.cancelled.is_set():
             self._count_cancelled()
-            job.future.cancel()
+            _cancel(job.future)
         else:
             n_prompt = len(job.tokens)
-            job.future.set_result(
-                Result([Completion(s.text, n_prompt, s.n_generated, s.finish) for s in entry[1]], seed=job.seed)
-            )
+            job.future.set_result(Result([Completion(s.text, n_prompt, s.n_generated, s.finish) for s in seqs], seed=job.seed))
 
     def _fail_all(self, error: BaseException) -> None:
         for job, _ in list(self._jobs.values()):

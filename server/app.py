@@ -7,6 +7,7 @@ Errors carry the reason in `message` and an empty `result`.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -52,15 +53,20 @@ def state() -> AppState:
     return current_app.extensions["llamabox"]
 
 
+def envelope_dict(message: str, result: list | None = None, run_id: str | None = None, run_time_ms: float = 0.0) -> dict:
+    """The hosted endpoint's envelope, for every answer, success or error."""
+    return {"run_id": run_id or str(uuid.uuid4()), "run_time_ms": run_time_ms, "message": message,
+            "result": result if result is not None else []}
+
+
+def wsgi_error_body(status: int, message: str, path: str | None) -> tuple[str, bytes]:
+    """The envelope for errors that waitress answers itself, before Flask sees the request."""
+    return "application/json", json.dumps(envelope_dict(message)).encode()
+
+
 def envelope(message: str, result: list | None = None, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     started = g.get("t0", time.perf_counter())
-    body = {
-        "run_id": g.get("run_id") or str(uuid.uuid4()),
-        "run_time_ms": (time.perf_counter() - started) * 1000.0,
-        "message": message,
-        "result": result if result is not None else [],
-    }
-    resp = jsonify(body)
+    resp = jsonify(envelope_dict(message, result, g.get("run_id"), (time.perf_counter() - started) * 1000.0))
     resp.status_code = status
     for k, v in (headers or {}).items():
         resp.headers[k] = v
@@ -150,14 +156,18 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
 
     @app.get("/health")
     def health():
+        # Unauthenticated (load balancers and probes call it), so it says nothing but the state;
+        # the reasons go to the log and, with the key, to /models.
         st = state()
-        if st.runtime is None or not st.runtime.ready:
-            msg = f"model failed to load: {st.load_error}" if st.load_error else "loading"
-            return jsonify({"status": msg}), 503
-        return jsonify({"status": "ok", "model": st.runtime.info.model_id, "backend": st.runtime.info.backend})
+        if st.runtime is None:
+            return jsonify({"status": "failed" if st.load_error else "loading"}), 503
+        if not st.runtime.ready:
+            return jsonify({"status": "unavailable"}), 503
+        return jsonify({"status": "ok"})
 
     @app.get("/models")
     def models():
+        _check_auth(state().settings)
         rt = _runtime()
         i = rt.info
         return jsonify({"data": [{
@@ -198,15 +208,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
 
 
 def make_server(app: Flask, settings: Settings):
-    """The production WSGI server (waitress) for `app`; call .run() to serve."""
-    import waitress
+    """The production HTTP server for `app` (server/wsgi.py says why and how); .run() serves, .close() stops."""
+    from .wsgi import HttpServer
 
-    return waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.http_threads, ident="llamabox",
-        # Far above our own limit, so that Flask's MAX_CONTENT_LENGTH answers 413 in the envelope;
-        # waitress would answer a plain-text 413 itself.
-        max_request_body_size=16 * settings.max_body_bytes,
-        channel_request_lookahead=1,  # lets a waiting handler see that its client hung up
+    return HttpServer(
+        app, host=settings.host, port=settings.port, threads=settings.http_threads, max_body_bytes=settings.max_body_bytes,
+        max_connections=settings.max_connections, idle_timeout_s=settings.idle_timeout_s,
+        read_timeout_s=settings.read_timeout_s, error_body=wsgi_error_body,
     )
 
 

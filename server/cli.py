@@ -54,11 +54,8 @@ def resolve_model(ref: str | None, store) -> tuple[Path, str, bool]:
 
         return p, model_id_for(Path(p.stem.split(".")[0])), False
     mf = store.resolve(ref)
-    if mf.builtin:
-        # Shipped inside the package: check it is the file we built before trusting it.
-        problems = store.verify(mf.model_id)
-        if problems:
-            raise LlamaboxError(f"the built-in model is damaged ({'; '.join(problems)}); reinstall llamabox")
+    # A store file must still be the one its manifest describes: size every time, sha256 when it changed.
+    store.check_before_load(mf)
     return mf.path, mf.model_id, mf.model_id == DEMO_ID
 
 
@@ -66,10 +63,25 @@ def _load_runtime(path: Path, model_id: str, settings: Settings):
     from runtime import load
 
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
-                use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size)
+                use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
+                prefill_chunk=settings.prefill_chunk)
 
 
 # --- commands ---------------------------------------------------------------------
+
+def _raise_open_file_limit(want: int) -> None:
+    """Each connection is a file descriptor: let the soft limit reach what --max-connections needs."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < want:
+        log.warning("the open-file limit (%d) is below what --max-connections needs (%d)", target, want)
+
 
 def cmd_serve(args) -> int:
     from convert.store import Store
@@ -79,28 +91,32 @@ def cmd_serve(args) -> int:
         model=args.model, host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
         insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
+        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
+        prefill_chunk=args.prefill_chunk,
     )
     settings.check()
     path, model_id, demo = resolve_model(settings.model, Store())
+    _raise_open_file_limit(settings.max_connections + 64)
     app = create_app(settings)
     server = make_server(app, settings)
     failed: list[str] = []
 
     def load_in_background():
+        # The loader's owner is the serve loop below: on failure it records why and stops the
+        # loop, which then prints the reason and exits non-zero. (Interrupting the main thread
+        # instead raced with its start-up and printed "interrupted".)
         try:
             set_runtime(app, _load_runtime(path, model_id, settings))
             rt = app.extensions["llamabox"].runtime
             print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
-        except Exception as e:  # any failure, not only ours: /health must not say "loading" forever
+        except BaseException as e:  # any failure, not only ours: /health must not say "loading" forever
             msg = str(e) if isinstance(e, LlamaboxError) else f"{type(e).__name__}: {e}"
             if not isinstance(e, LlamaboxError):
                 log.exception("loading %s failed", model_id)
             failed.append(msg)
             set_runtime(app, None, msg)
-            import _thread
-
-            _thread.interrupt_main()  # stop serving: a server that cannot load its model is no server
+            server.request_stop()  # a server that cannot load its model is no server
 
     url = f"http://{settings.host}:{server.effective_port}"
     print(f"llamabox: serving {model_id} from {path}", file=sys.stderr)
@@ -114,17 +130,27 @@ def cmd_serve(args) -> int:
         else:
             print("llamabox: WARNING: no API key and --insecure-no-auth: anyone who can reach this port can use it", file=sys.stderr)
     sys.stderr.flush()
-    threading.Thread(target=load_in_background, name="llamabox-load", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    signals = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        if len(signals) > 1:  # a second signal: no more waiting
+            os._exit(128 + signum)
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
+    loader.start()
     try:
         server.run()
-    except KeyboardInterrupt:
-        pass
     finally:
-        server.close()
+        loader.join() if not signals else None  # after a load failure, `failed` is complete before we read it
         rt = app.extensions["llamabox"].runtime
         if rt is not None:
-            rt.close()
+            rt.close()  # fails what still waits (503), so the request threads can finish
+        server.close()
     if failed:
         return _die(f"could not load {model_id}: {failed[0]}")
     return 0
@@ -167,7 +193,7 @@ def cmd_pull(args) -> int:
     from convert.pull import pull
 
     reports = pull(args.name, quants=args.quant, repo=args.repo, revision=args.revision, gguf=args.gguf,
-                   model_id=args.id, keep_download=args.keep_download)
+                   model_id=args.id, keep_download=args.keep_download, force=args.force)
     _print_reports(reports)
     return 0
 
@@ -178,12 +204,13 @@ def cmd_convert(args) -> int:
     from convert.store import Store
 
     quants = parse_quants(args.quant)
-    src, source = fetch_source(args.src, revision=args.revision)
+    src, source, _ = fetch_source(args.src, revision=args.revision)
     store = None if args.out else Store()
     bar = _tqdm_tensors()
     try:
         reports = convert(src, quants, store=store, out_dir=Path(args.out) if args.out else None,
-                          model_id=args.id or model_id_for(src), source=source, n_threads=args.threads, progress=bar)
+                          model_id=args.id or model_id_for(src), source=source, force=args.force, n_threads=args.threads,
+                          progress=bar)
     finally:
         bar.close()
     _print_reports(reports)
@@ -217,13 +244,15 @@ def _print_reports(reports) -> None:
 def cmd_list(args) -> int:
     from convert.store import Store
 
-    files = Store().list()
-    if not files:
+    files, broken = Store().scan()
+    if not files and not broken:
         print("no models yet; `llamabox pull llamav2-7b-chat` fetches Llama 2 7B chat")
         return 0
     print(f"{'model':28} {'quant':8} {'size MiB':>10}  sha256")
     for f in files:
         print(f"{f.model_id + (' (built-in)' if f.builtin else ''):28} {f.quant:8} {f.size / 2**20:10.1f}  {f.sha256[:16]}")
+    for b in broken:  # listed, not fatal: one bad manifest must not hide the other models
+        print(f"{b.model_id + (' (built-in)' if b.builtin else ''):28} BROKEN: {b.reason}")
     return 0
 
 
@@ -239,7 +268,11 @@ def cmd_verify(args) -> int:
     from convert.store import Store
 
     store = Store()
-    ids = [args.model] if args.model else sorted({f.model_id for f in store.list()})
+    if args.model:
+        ids = [args.model]
+    else:
+        files, broken = store.scan()
+        ids = sorted({f.model_id for f in files} | {b.model_id for b in broken})
     bad = 0
     for model_id in ids:
         problems = store.verify(model_id)
@@ -275,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="sequences decoded together (default 4)")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 503 (default 16)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a generation is cancelled (default 600)")
+    p.add_argument("--max-connections", type=int, default=1000, help="open connections at most (default 1000)")
+    p.add_argument("--idle-timeout", type=float, default=15.0,
+                   help="seconds before a connection with no request in progress is closed (default 15)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request, headers and body (default 30)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens evaluated per step while other requests generate (default 64)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from a prompt, printing tokens as they come")
@@ -299,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", help="owner/name:file.gguf: fetch a prebuilt GGUF instead (sha256-checked)")
     p.add_argument("--id", help="store id to save as (default: the name)")
     p.add_argument("--keep-download", action="store_true", help="keep the downloaded checkpoint after converting")
+    p.add_argument("--force", action="store_true",
+                   help="replace the whole model if the id holds another checkpoint (default: refuse)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("convert", help="convert a local HF folder (or a Hub repo id) to quantized GGUF")
@@ -308,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="store id (default: from the folder name)")
     p.add_argument("--revision", help="with a repo id: branch, tag or commit")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace the whole model if the id holds another checkpoint (default: refuse)")
     p.set_defaults(func=cmd_convert)
 
     sub.add_parser("list", help="models in the store").set_defaults(func=cmd_list)

@@ -25,7 +25,11 @@ class Settings:
     queue_size: int = 16              # requests waiting beyond the running batch before 503
     max_body_bytes: int = 1 << 20     # larger request bodies get 413
     request_timeout_s: float = 600.0  # a generation still running after this is cancelled (504)
-    http_threads: int = 32            # waitress worker threads (requests being read, waiting or answered)
+    http_threads: int = 32            # waitress worker threads (requests being answered or waiting on a generation)
+    max_connections: int = 1000       # open connections at most; beyond, new ones wait in the listen backlog
+    idle_timeout_s: float = 15.0      # a connection with no request in progress, silent this long, is closed
+    read_timeout_s: float = 30.0      # a request (headers + body) not fully received this long after its first byte is dropped
+    prefill_chunk: int = 64           # prompt tokens evaluated per step while other sequences generate
 
     @property
     def is_loopback(self) -> bool:
@@ -54,7 +58,11 @@ class Settings:
             raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:
             raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
-        for name in ("n_parallel", "queue_size", "max_body_bytes", "http_threads"):
+        for name in ("idle_timeout_s", "read_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise InvalidParameter(name.removesuffix("_s").replace("_", "-"), f"must be a positive number of seconds, got {v}")
+        for name in ("n_parallel", "queue_size", "max_body_bytes", "http_threads", "max_connections", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, f"must be positive, got {getattr(self, name)}")
 

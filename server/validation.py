@@ -36,14 +36,28 @@ class Limits:
     max_prompt_chars: int = 1_000_000
 
 
+MAX_JSON_DEPTH = 32       # objects/arrays nested deeper are refused (no field needs more than 2)
+MAX_INT_DIGITS = 100      # longer integer literals are kept as text, never converted (see parse_json)
+
+
+class LongNumber(str):
+    """An integer literal too long to convert: Python's int() takes quadratic time on them and
+    refuses past 4,300 digits. It stays text, so the field's own check names it."""
+
+
 def _show(v: Any) -> str:
-    s = json.dumps(v, ensure_ascii=False)
+    if isinstance(v, LongNumber):
+        return f"an integer of {len(v.lstrip('+-'))} digits"
+    try:
+        s = json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        s = type(v).__name__
     return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _as_int(field: str, v: Any, lo: int, hi: int) -> int:
     n: int | None = None
-    if isinstance(v, bool):
+    if isinstance(v, (bool, LongNumber)):
         n = None
     elif isinstance(v, int):
         n = v
@@ -60,7 +74,7 @@ def _as_int(field: str, v: Any, lo: int, hi: int) -> int:
 
 def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
     x: float | None = None
-    if isinstance(v, bool):
+    if isinstance(v, (bool, LongNumber)):
         x = None
     elif isinstance(v, (int, float)):
         try:
@@ -77,7 +91,7 @@ def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
 
 
 def _as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> str:
-    if not isinstance(v, str):
+    if not isinstance(v, str) or isinstance(v, LongNumber):
         raise InvalidParameter(field, f"must be a string, got {_show(v)}")
     if not v and not allow_empty:
         raise InvalidParameter(field, "must not be empty")
@@ -117,9 +131,31 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise MalformedJSON("body", f"is not UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         raise MalformedJSON("body", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:  # ~1,000 levels: the C scanner recurses once per level
+        raise MalformedJSON("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_depth(data)
+    return data
+
+
+def _parse_int(literal: str) -> int | LongNumber:
+    return LongNumber(literal) if len(literal) > MAX_INT_DIGITS else int(literal)
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH, iteratively (deep values would make any later
+    recursive walk, json.dumps included, raise RecursionError)."""
+    stack = [(data, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        for c in children:
+            if isinstance(c, (dict, list)):
+                if depth + 1 > MAX_JSON_DEPTH:
+                    raise MalformedJSON("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+                stack.append((c, depth + 1))
 
 
 FIELDS = ("prompt", "max_length", "temperature", "top_p", "top_k", "num_return_sequences", "repetition_penalty", "seed", "stop", "system_prompt")

@@ -236,14 +236,14 @@ def test_cancelled_jobs_do_not_hold_queue_slots(gguf_files):
             time.sleep(0.001)
         assert cond()
 
-    # One running sequence, one job waiting for room, one queue slot.
-    rt = load(gguf_files["q8_0"], n_ctx=512, n_threads=2, n_parallel=1, n_cache=0, queue_size=1)
+    # One running sequence and two waiting: capacity 1 + 2 = 3 requests.
+    rt = load(gguf_files["q8_0"], n_ctx=512, n_threads=2, n_parallel=1, n_cache=0, queue_size=2)
     sched = rt.scheduler
     try:
         a = rt.submit("A", GenerationParams(max_length=450, temperature=0.0))
         wait_for(lambda: sched._active)
         b = rt.submit("B", GenerationParams(max_length=10, temperature=0.0))
-        wait_for(lambda: sched._head is b)  # B waits for A's sequence; the queue is empty again
+        wait_for(lambda: b in sched._waiting)  # B waits for A's sequence
         c = rt.submit("C", GenerationParams(max_length=10, temperature=0.0))
         with pytest.raises(QueueFull):
             rt.submit("D", GenerationParams(max_length=10, temperature=0.0))

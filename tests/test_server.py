@@ -194,7 +194,7 @@ def test_health_is_503_until_a_model_is_set(settings, chat_runtime):
     assert_envelope(post(c, SEED_EXAMPLE), 503)
     set_runtime(app, chat_runtime)
     assert c.get("/health").status_code == 200
-    assert c.get("/models").get_json()["data"][0]["id"] == "llamav2-7b-chat"
+    assert c.get("/models", headers=AUTH).get_json()["data"][0]["id"] == "llamav2-7b-chat"
 
 
 def test_eight_threads_over_a_real_socket(live_server):
