@@ -16,7 +16,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from .errors import BackendError, KVCacheFull, ModelLoadError
+from .errors import BackendError, InvalidParameter, KVCacheFull, ModelLoadError
 from .params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -213,24 +213,76 @@ class LlamaModel:
             self._model = None
 
 
+def _init_grammar(model: LlamaModel, grammar: str):
+    """A llama.cpp grammar sampler for GBNF text (start rule "root"); raises InvalidParameter if it
+    does not parse (llama.cpp returns NULL: syntax error, undefined rule, no root, left recursion)."""
+    if not grammar.strip():
+        raise InvalidParameter("response_format", "the grammar is empty")
+    if "\0" in grammar:
+        raise InvalidParameter("response_format", "the grammar contains a NUL character")
+    try:
+        text = grammar.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate
+        raise InvalidParameter("response_format", f"the grammar is not valid Unicode: {e.reason}") from None
+    smpl = llama_cpp.llama_sampler_init_grammar(model._vocab, text, b"root")
+    if not smpl:  # llama.cpp printed the reason to stderr
+        raise InvalidParameter("response_format", "llama.cpp could not parse the grammar (GBNF syntax error, "
+                               "undefined rule, no 'root' rule, or left recursion)")
+    return smpl
+
+
+def check_grammar(model: LlamaModel, grammar: str | None) -> None:
+    """Parse a grammar once and drop it: raises InvalidParameter("response_format", ...) if it is bad.
+    Call it before submitting (any thread): the Sampler runs on the worker, which must not be the
+    first to find out."""
+    if grammar is not None:
+        llama_cpp.llama_sampler_free(_init_grammar(model, grammar))
+
+
 class Sampler:
     """One llama.cpp sampler chain: one per sequence, each with its own seed.
 
-    Order follows Hugging Face's generate(): repetition penalty, temperature,
-    top-k, top-p, then a draw. Temperature 0 replaces the last four with argmax.
+    Chain order:
+      1. grammar (params.grammar): disallowed tokens -> -inf (EOS only when the grammar is complete).
+         It must come first so that nothing after it (the draw, argmax) can pick a token it forbids.
+      2. repetition penalty (HF/CTRL; params.repetition_penalty): a penalties sampler with only
+         penalty_repeat, window n_ctx, fed the prompt here, so prompt and output tokens count.
+      3. presence/frequency penalties (OpenAI; params.presence_penalty, frequency_penalty): a second
+         penalties sampler with only penalty_freq/penalty_present, window n_ctx, never fed the prompt:
+         it counts generated tokens only (logit -= frequency * count + presence * (count > 0)).
+      4. temperature, top-k, top-p, then a seeded draw; temperature 0 replaces these with argmax
+         (over the tokens the grammar allows).
+    Sampling (LlamaModel.sample -> llama_sampler_sample) applies the chain and accepts the sampled
+    token into every member: grammar state and penalty counts advance together.
+    Raises InvalidParameter if params.grammar does not parse; frees what it built first.
     """
 
     def __init__(self, model: LlamaModel, params: GenerationParams, seed: int, history: list[int]):
         lc = llama_cpp
         self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        try:
+            self._build(model, params, seed, history)
+        except BaseException:
+            self.free()
+            raise
+
+    def _build(self, model: LlamaModel, params: GenerationParams, seed: int, history: list[int]) -> None:
+        lc = llama_cpp
+        if params.grammar is not None:
+            lc.llama_sampler_chain_add(self.chain, _init_grammar(model, params.grammar))
         if params.repetition_penalty != 1.0:
             # The window is the whole context, and the prompt's tokens are fed in below,
             # so a token seen anywhere in prompt or output is penalised, as in HF.
-            lc.llama_sampler_chain_add(
-                self.chain, lc.llama_sampler_init_penalties(model.n_vocab, model.n_ctx, params.repetition_penalty, 0.0, 0.0)
-            )
+            rep = lc.llama_sampler_init_penalties(model.n_vocab, model.n_ctx, params.repetition_penalty, 0.0, 0.0)
+            # Fed to this sampler alone, not the chain: the grammar must not see the prompt.
             for tok in history:
-                lc.llama_sampler_accept(self.chain, tok)
+                lc.llama_sampler_accept(rep, tok)
+            lc.llama_sampler_chain_add(self.chain, rep)
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            lc.llama_sampler_chain_add(
+                self.chain,
+                lc.llama_sampler_init_penalties(model.n_vocab, model.n_ctx, 1.0, params.frequency_penalty, params.presence_penalty),
+            )
         if params.temperature == 0.0:
             lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_greedy())
             return

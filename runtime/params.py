@@ -19,9 +19,17 @@ class GenerationParams:
     top_k: int = 50                  # keep the k most likely tokens; 0 = disabled
     num_return_sequences: int = 1    # independent completions sampled from one prompt evaluation
     repetition_penalty: float = 1.0  # HF/CTRL penalty on tokens already in prompt + output; 1.0 = none
+    presence_penalty: float = 0.0    # OpenAI: subtracted once from the logit of every token already
+                                     # generated (prompt not counted); 0.0 = none, < 0 encourages reuse
+    frequency_penalty: float = 0.0   # OpenAI: subtracted from a token's logit once per time it was
+                                     # already generated (prompt not counted); 0.0 = none
     seed: int | None = None          # None = a fresh random seed per request; same seed -> same list
     stop: tuple[str, ...] = ()       # generation of a sequence ends before the first of these strings
     system_prompt: str | None = None  # chat models only: goes in <<SYS>> inside the first [INST]
+    grammar: str | None = None       # GBNF (llama.cpp grammar) text, start rule "root": every sampled
+                                     # token must keep the output a prefix of the language (EOS only once
+                                     # it is complete); None = unconstrained. runtime/grammar.py makes it
+                                     # from a JSON schema; runtime.model.check_grammar() parses it
 
 
 @dataclass

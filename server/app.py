@@ -1,8 +1,12 @@
-"""The `predict` HTTP contract, as a Flask app factory.
+"""The Flask app factory: state, auth, errors, and the blueprints.
 
-Every answer, success or error, is the hosted endpoint's envelope:
-    {"run_id": uuid4, "run_time_ms": float, "message": str, "result": [...]}
-Errors carry the reason in `message` and an empty `result`.
+Two contracts, each with its own error envelope, chosen by the route:
+  * predict (server/predict.py): the hosted endpoint's
+        {"run_id": uuid4, "run_time_ms": float, "message": str, "result": [...]}
+  * /v1 (server/v1.py): OpenAI's
+        {"error": {"message": str, "type": str, "param": str|null, "code": str|null}}
+Errors raised anywhere (ApiError, InvalidParameter, QueueFull, werkzeug's, waitress's own)
+are answered in the envelope of the route that was asked.
 """
 from __future__ import annotations
 
@@ -15,27 +19,32 @@ from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from runtime.errors import InvalidParameter, LlamaboxError, QueueFull
 from runtime.engine import Runtime
+from runtime.params import Result
 
 from .settings import Settings
-from .validation import Limits, parse_json, parse_predict
 
 log = logging.getLogger(__name__)
 
-OK_MESSAGE = "Ran successfully"
 POLL_S = 0.1  # how often a waiting request checks for a client that hung up
+
+# OpenAI's error "type" by status (the SDK maps statuses to exception classes; type is informational).
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 499: "invalid_request_error", 503: "server_error", 504: "server_error"}
 
 
 class ApiError(Exception):
-    """An HTTP error with the envelope's message (raised inside handlers)."""
+    """An HTTP error raised inside a handler; `param` names the field, `code` is a short tag for /v1."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.status, self.message, self.headers, self.param, self.code = status, message, headers or {}, param, code
 
 
 @dataclass
@@ -48,20 +57,30 @@ class AppState:
 
 
 def state() -> AppState:
-    from flask import current_app
-
     return current_app.extensions["llamabox"]
 
 
+# --- envelopes -----------------------------------------------------------------------
+
 def envelope_dict(message: str, result: list | None = None, run_id: str | None = None, run_time_ms: float = 0.0) -> dict:
-    """The hosted endpoint's envelope, for every answer, success or error."""
+    """The hosted endpoint's envelope, for every predict answer, success or error."""
     return {"run_id": run_id or str(uuid.uuid4()), "run_time_ms": run_time_ms, "message": message,
             "result": result if result is not None else []}
 
 
+def openai_error_dict(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def is_v1(path: str | None) -> bool:
+    return bool(path) and (path == "/v1" or path.startswith("/v1/"))
+
+
 def wsgi_error_body(status: int, message: str, path: str | None) -> tuple[str, bytes]:
     """The envelope for errors that waitress answers itself, before Flask sees the request."""
-    return "application/json", json.dumps(envelope_dict(message)).encode()
+    body = openai_error_dict(status, message) if is_v1(path) else envelope_dict(message)
+    return "application/json", json.dumps(body).encode()
 
 
 def envelope(message: str, result: list | None = None, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -73,47 +92,60 @@ def envelope(message: str, result: list | None = None, status: int = 200, header
     return resp
 
 
-def _check_auth(settings: Settings) -> None:
-    if not settings.api_keys:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None,
+                   code: str | None = None) -> Response:
+    """An error in the envelope of the route that was asked."""
+    if not is_v1(request.path):
+        return envelope(message, status=status, headers=headers)
+    resp = jsonify(openai_error_dict(status, message, param, code))
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+# --- what every handler needs -----------------------------------------------------------
+
+def check_auth() -> None:
+    keys = state().settings.api_keys
+    if not keys:
         return
     header = request.headers.get("Authorization")
     if not header:
         raise ApiError(401, "missing Authorization header: send 'Authorization: <API_KEY>' or 'Authorization: Bearer <API_KEY>'",
-                       {"WWW-Authenticate": "Bearer"})
+                       {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
     scheme, _, rest = header.partition(" ")
     given = rest.strip() if scheme.lower() == "bearer" else header.strip()
     ok = False
-    for key in settings.api_keys:  # compare with every key, in constant time each
+    for key in keys:  # compare with every key, in constant time each
         ok |= hmac.compare_digest(given.encode(), key.encode())
     if not ok:
-        raise ApiError(401, "invalid API key in the Authorization header", {"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "invalid API key in the Authorization header", {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
 
-def _runtime() -> Runtime:
+def current_runtime() -> Runtime:
     st = state()
     if st.runtime is None:
         if st.load_error:
-            raise ApiError(503, f"the model failed to load: {st.load_error}")
-        raise ApiError(503, "the model is still loading; retry shortly", {"Retry-After": "5"})
+            raise ApiError(503, f"the model failed to load: {st.load_error}", code="model_load_failed")
+        raise ApiError(503, "the model is still loading; retry shortly", {"Retry-After": "5"}, code="model_loading")
     return st.runtime
 
 
-def _predict(model_id: str | None):
-    st = state()
-    _check_auth(st.settings)
-    rt = _runtime()
-    if model_id is not None and model_id != rt.info.model_id:
-        raise ApiError(404, f"unknown model {model_id!r}: this server serves {rt.info.model_id!r} (POST /{rt.info.model_id}-webhook/predict)")
-    mimetype = request.mimetype
-    if mimetype != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {mimetype or 'none'!r}")
-    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH turns an oversized body into 413 here
-    prompt, params = parse_predict(parse_json(body), Limits(max_new_tokens=rt.info.n_ctx, max_sequences=rt.info.n_parallel))
-    job = rt.submit(prompt, params)
+def json_body() -> bytes:
+    """The request body, after the Content-Type check (MAX_CONTENT_LENGTH turns an oversized one into 413)."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {request.mimetype or 'none'!r}")
+    return request.get_data(cache=False)
+
+
+def wait_for(job) -> Result:
+    """Wait for a job, cancelling it when the client hangs up or the request timeout passes."""
+    settings = state().settings
     # waitress (with channel_request_lookahead) tells us when the client hangs up: then the
     # job is cancelled and the worker frees its sequences at its next step.
     gone = request.environ.get("waitress.client_disconnected", lambda: False)
-    deadline = time.monotonic() + st.settings.request_timeout_s
+    deadline = time.monotonic() + settings.request_timeout_s
     while True:
         if gone():  # checked before each wait, so a client already gone costs nothing
             job.cancel()
@@ -121,38 +153,33 @@ def _predict(model_id: str | None):
             raise ApiError(499, "client closed the connection; generation cancelled")
         if time.monotonic() > deadline:
             job.cancel()
-            raise ApiError(504, f"generation did not finish within {st.settings.request_timeout_s:g} s and was cancelled")
+            raise ApiError(504, f"generation did not finish within {settings.request_timeout_s:g} s and was cancelled", code="timeout")
         try:
-            result = job.future.result(timeout=POLL_S)
-            break
+            return job.future.result(timeout=POLL_S)
         except FutureTimeout:
             continue
         except CancelledError:
             raise ApiError(503, "the request was cancelled", {"Retry-After": "1"}) from None
-    return envelope(OK_MESSAGE, [{"generated_text": prompt + c.text} for c in result.completions])
 
+
+# --- the app ---------------------------------------------------------------------------
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     """The app. Pass runtime=None to serve /health (503) while a model loads; then call set_runtime()."""
+    from .predict import bp as predict_bp
+    from .v1 import bp as v1_bp
+
     app = Flask("llamabox")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["llamabox"] = AppState(settings, runtime)
+    app.register_blueprint(predict_bp)
+    app.register_blueprint(v1_bp)
 
     @app.before_request
     def _start():
         g.t0 = time.perf_counter()
         g.run_id = str(uuid.uuid4())
-
-    @app.post("/predict")
-    def predict():
-        return _predict(None)
-
-    @app.post("/<hook>/predict")
-    def predict_webhook(hook: str):
-        if not hook.endswith("-webhook"):
-            raise ApiError(404, f"no such endpoint /{hook}/predict; use /predict or /<model_id>-webhook/predict")
-        return _predict(hook[: -len("-webhook")])
 
     @app.get("/health")
     def health():
@@ -165,44 +192,36 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
             return jsonify({"status": "unavailable"}), 503
         return jsonify({"status": "ok"})
 
-    @app.get("/models")
-    def models():
-        _check_auth(state().settings)
-        rt = _runtime()
-        i = rt.info
-        return jsonify({"data": [{
-            "id": i.model_id, "chat": i.chat, "backend": i.backend, "n_ctx": i.n_ctx,
-            "n_parallel": i.n_parallel, "endpoint": f"/{i.model_id}-webhook/predict",
-        }]})
-
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
-        return envelope(e.message, status=e.status, headers=e.headers)
+        return error_response(e.status, e.message, e.headers, e.param, e.code)
 
     @app.errorhandler(InvalidParameter)
     def _invalid(e: InvalidParameter):
-        return envelope(str(e), status=400)
+        return error_response(400, str(e), param=e.field)
 
     @app.errorhandler(QueueFull)
     def _full(e: QueueFull):
-        return envelope(str(e), status=503, headers={"Retry-After": str(e.retry_after_s)})
+        return error_response(503, str(e), {"Retry-After": str(e.retry_after_s)}, code=type(e).__name__)
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
         headers = {k: v for k, v in e.get_headers() if k.lower() in ("allow", "retry-after")}
+        hint = "GET /v1/models, POST /v1/chat/completions or /v1/completions" if is_v1(request.path) else \
+            "POST /predict or /<model_id>-webhook/predict"
         msg = {
-            404: f"no such endpoint {request.path}; POST /predict or /<model_id>-webhook/predict",
+            404: f"no such endpoint {request.path}; {hint}",
             405: f"{request.method} is not allowed on {request.path}; use {headers.get('Allow', 'POST')}",
             413: f"request body is larger than {settings.max_body_bytes} bytes",
         }.get(e.code or 500, e.description or e.name)
-        return envelope(msg, status=e.code or 500, headers=headers)
+        return error_response(e.code or 500, msg, headers)
 
     @app.errorhandler(LlamaboxError)
     @app.errorhandler(Exception)
     def _internal(e: Exception):
         run_id = g.get("run_id", "?")
         log.error("run %s failed: %s", run_id, e, exc_info=e)
-        return envelope(f"internal error; the server log has the details under run_id {run_id}", status=500)
+        return error_response(500, f"internal error; the server log has the details under run_id {run_id}")
 
     return app
 

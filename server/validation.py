@@ -45,7 +45,7 @@ class LongNumber(str):
     refuses past 4,300 digits. It stays text, so the field's own check names it."""
 
 
-def _show(v: Any) -> str:
+def show(v: Any) -> str:
     if isinstance(v, LongNumber):
         return f"an integer of {len(v.lstrip('+-'))} digits"
     try:
@@ -55,7 +55,7 @@ def _show(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def _as_int(field: str, v: Any, lo: int, hi: int) -> int:
+def as_int(field: str, v: Any, lo: int, hi: int) -> int:
     n: int | None = None
     if isinstance(v, (bool, LongNumber)):
         n = None
@@ -66,13 +66,13 @@ def _as_int(field: str, v: Any, lo: int, hi: int) -> int:
     elif isinstance(v, str) and _INT.fullmatch(v.strip()):
         n = int(v.strip())
     if n is None:
-        raise InvalidParameter(field, f"must be an integer between {lo} and {hi}, got {_show(v)}")
+        raise InvalidParameter(field, f"must be an integer between {lo} and {hi}, got {show(v)}")
     if not lo <= n <= hi:
         raise InvalidParameter(field, f"must be between {lo} and {hi}, got {n}")
     return n
 
 
-def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
+def as_float(field: str, v: Any, lo: float, hi: float) -> float:
     x: float | None = None
     if isinstance(v, (bool, LongNumber)):
         x = None
@@ -84,15 +84,15 @@ def _as_float(field: str, v: Any, lo: float, hi: float) -> float:
     elif isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
         x = float(v.strip())
     if x is None or not math.isfinite(x):
-        raise InvalidParameter(field, f"must be a number between {lo} and {hi}, got {_show(v)}")
+        raise InvalidParameter(field, f"must be a number between {lo} and {hi}, got {show(v)}")
     if not lo <= x <= hi:
-        raise InvalidParameter(field, f"must be between {lo} and {hi}, got {_show(v)}")
+        raise InvalidParameter(field, f"must be between {lo} and {hi}, got {show(v)}")
     return x
 
 
-def _as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> str:
+def as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> str:
     if not isinstance(v, str) or isinstance(v, LongNumber):
-        raise InvalidParameter(field, f"must be a string, got {_show(v)}")
+        raise InvalidParameter(field, f"must be a string, got {show(v)}")
     if not v and not allow_empty:
         raise InvalidParameter(field, "must not be empty")
     try:
@@ -104,11 +104,11 @@ def _as_str(field: str, v: Any, max_chars: int, allow_empty: bool = False) -> st
     return v
 
 
-def _as_stop(v: Any) -> tuple[str, ...]:
+def as_stop(v: Any) -> tuple[str, ...]:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or not 0 <= len(items) <= MAX_STOP_STRINGS:
-        raise InvalidParameter("stop", f"must be a string or a list of at most {MAX_STOP_STRINGS} strings, got {_show(v)}")
-    return tuple(_as_str("stop", s, MAX_STOP_CHARS) for s in items)
+        raise InvalidParameter("stop", f"must be a string or a list of at most {MAX_STOP_STRINGS} strings, got {show(v)}")
+    return tuple(as_str("stop", s, MAX_STOP_CHARS) for s in items)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -170,24 +170,24 @@ def parse_predict(data: Any, limits: Limits) -> tuple[str, GenerationParams]:
         raise InvalidParameter(unknown[0], f"is not a known field; known fields are {', '.join(FIELDS)}")
     if "prompt" not in data:
         raise InvalidParameter("prompt", "is required")
-    prompt = _as_str("prompt", data["prompt"], limits.max_prompt_chars)
+    prompt = as_str("prompt", data["prompt"], limits.max_prompt_chars)
     kw: dict[str, Any] = {}
     if "max_length" in data:
-        kw["max_length"] = _as_int("max_length", data["max_length"], 1, limits.max_new_tokens)
+        kw["max_length"] = as_int("max_length", data["max_length"], 1, limits.max_new_tokens)
     if "temperature" in data:
-        kw["temperature"] = _as_float("temperature", data["temperature"], 0.0, 5.0)
+        kw["temperature"] = as_float("temperature", data["temperature"], 0.0, 5.0)
     if "top_p" in data:
-        kw["top_p"] = _as_float("top_p", data["top_p"], 0.0, 1.0)
+        kw["top_p"] = as_float("top_p", data["top_p"], 0.0, 1.0)
     if "top_k" in data:
-        kw["top_k"] = _as_int("top_k", data["top_k"], 0, 1_000_000)
+        kw["top_k"] = as_int("top_k", data["top_k"], 0, 1_000_000)
     if "num_return_sequences" in data:
-        kw["num_return_sequences"] = _as_int("num_return_sequences", data["num_return_sequences"], 1, limits.max_sequences)
+        kw["num_return_sequences"] = as_int("num_return_sequences", data["num_return_sequences"], 1, limits.max_sequences)
     if "repetition_penalty" in data:
-        kw["repetition_penalty"] = _as_float("repetition_penalty", data["repetition_penalty"], 1.0, 10.0)
+        kw["repetition_penalty"] = as_float("repetition_penalty", data["repetition_penalty"], 1.0, 10.0)
     if "seed" in data:
-        kw["seed"] = _as_int("seed", data["seed"], 0, MAX_SEED)
+        kw["seed"] = as_int("seed", data["seed"], 0, MAX_SEED)
     if "stop" in data:
-        kw["stop"] = _as_stop(data["stop"])
+        kw["stop"] = as_stop(data["stop"])
     if "system_prompt" in data:
-        kw["system_prompt"] = _as_str("system_prompt", data["system_prompt"], limits.max_prompt_chars, allow_empty=True)
+        kw["system_prompt"] = as_str("system_prompt", data["system_prompt"], limits.max_prompt_chars, allow_empty=True)
     return prompt, GenerationParams(**kw)  # absent fields take GenerationParams' defaults
