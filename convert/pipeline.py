@@ -7,6 +7,7 @@ write to the store removes the leftovers (see convert/store.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -51,6 +52,15 @@ def parse_quants(spec: str) -> list[str]:
 def model_id_for(src: Path) -> str:
     """A store id from a folder name: 'Llama-2-7b-chat-hf' -> 'llama-2-7b-chat-hf'."""
     return check_model_id(re.sub(r"[^a-z0-9._-]+", "-", src.name.lower()).strip("-._")[:64] or "model")
+
+
+def has_chat_template(src: Path) -> bool:
+    """Whether an HF folder's tokenizer_config.json has a chat template (which the GGUF then carries)."""
+    try:
+        cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
 
 
 def _check_disk(folder: Path, n_params: int, quants: list[str]) -> None:
@@ -113,12 +123,15 @@ def convert(
     force: bool = False,
     n_threads: int = 0,
     progress: Progress | None = None,
+    chat: bool | None = None,
 ) -> list[QuantReport]:
     """Convert `src` to every type in `quants`, into `store` (as model_id) or into `out_dir`.
 
     Into the store: `source` says where `src` came from (default: the folder, fingerprinted);
     a model id that holds another checkpoint is refused unless `force`, which replaces the
-    whole model (see Store.writing).
+    whole model (see Store.writing). `chat` is recorded in the manifest: whether the model is served
+    as a chat model (default: whether the checkpoint has a chat template). False keeps a base model
+    whose repo ships a template anyway a base model.
     """
     if (store is None) == (out_dir is None):
         raise ValueError("give exactly one of store and out_dir")
@@ -144,6 +157,7 @@ def convert(
     if source_fingerprint(source) is None:
         source["fingerprint"] = checkpoint_fingerprint(src)
     with store.writing(model_id, source, force=force) as w:
+        w.manifest["chat"] = has_chat_template(src) if chat is None else chat
         return _convert_into(src, w.folder, model_id, quants, n_params, lambda partial, q: w.add_file(partial, q).path,
                              n_threads, progress)
 

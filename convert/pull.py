@@ -40,6 +40,14 @@ def fetch_source(src: str, revision: str | None = None, store: Store | None = No
     return Fetched(folder, {"repo": src, "revision": commit}, downloaded=True)
 
 
+def known_chat(name: str, repo: str) -> bool | None:
+    """Chat or base for a repo llamabox knows by name (MODEL_REPOS), None for others. Meta's base repo
+    ships a chat template in its tokenizer_config.json too, so the template cannot tell."""
+    if MODEL_REPOS.get(name) != repo:
+        return None
+    return "-chat" in repo.lower()
+
+
 def pull(
     name: str,
     quants: str = "q4_k_m",
@@ -56,6 +64,9 @@ def pull(
     if gguf:
         source = {"repo": gguf.partition(":")[0], "file": gguf.partition(":")[2]}
         with store.writing(model_id, source, force=force) as w:
+            chat = known_chat(name, MODEL_REPOS.get(name, ""))
+            if chat is not None:  # otherwise the GGUF decides when it is loaded: chat iff it has a template
+                w.manifest["chat"] = chat
             # The download lives in a partial-marked folder of this write, so an interrupted pull
             # leaves nothing listed and the next write to the store sweeps it.
             staging = w.partial("gguf-download")
@@ -78,7 +89,8 @@ def pull(
         # commit is known only after it, and the conversion checks again under the model's lock.
         store.check_writable(model_id, lambda fp: fp.startswith(f"hub:{repo}@"), force)
     fetched = fetch_source(repo, revision=revision, store=store)
-    reports = convert(fetched.folder, qs, store=store, model_id=model_id, source=fetched.source, force=force)
+    reports = convert(fetched.folder, qs, store=store, model_id=model_id, source=fetched.source, force=force,
+                      chat=known_chat(name, repo))
     # Never delete what llamabox did not download: a --repo that is a local folder is the user's.
     downloads = (store.home / "downloads").resolve()
     if fetched.downloaded and not keep_download and fetched.folder.resolve().is_relative_to(downloads):

@@ -177,6 +177,7 @@ class ModelFile:
     sha256: str
     size: int
     builtin: bool = False
+    chat: bool | None = None  # the manifest's "chat": True chat, False base (even if the GGUF has a template), None unknown
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class Store:
         if m is None:
             return []
         folder = (self.builtin_dir if builtin else self.models_dir) / model_id
+        chat = m.get("chat") if isinstance(m.get("chat"), bool) else None
         out = []
         for name, info in sorted(m["files"].items()):
             # A manifest is data from disk: its file names must be plain names of this model's files.
@@ -223,7 +225,7 @@ class Store:
                 raise IntegrityError(f"manifest of {model_id} names a bad file {name!r}")
             if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
                 raise IntegrityError(f"manifest of {model_id} has a bad entry for {name}")
-            out.append(ModelFile(model_id, str(info.get("quant", "")), folder / name, info["sha256"], info["size"], builtin))
+            out.append(ModelFile(model_id, str(info.get("quant", "")), folder / name, info["sha256"], info["size"], builtin, chat))
         return out
 
     def scan(self) -> tuple[list[ModelFile], list[BrokenModel]]:

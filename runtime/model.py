@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from .errors import BackendError, InvalidParameter, KVCacheFull, ModelLoadError
 from .params import GenerationParams
@@ -136,16 +138,17 @@ class LlamaModel:
 
     # --- vocabulary (any thread) -------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        """Token ids of `text`. Special-token text ("</s>") is never parsed into control tokens."""
+    def tokenize(self, text: str, add_bos: bool, special: bool = False) -> list[int]:
+        """Token ids of `text`. Control-token text ("</s>") becomes control tokens only with special=True,
+        which is for a chat template's own markup (runtime/chat_template.py), never for user text."""
         data = text.encode("utf-8")
         n_max = len(data) + 2
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, False)
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, special)
         if n < 0:  # buffer too small: -n is the count needed
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, False)
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos and self.add_bos, special)
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
@@ -239,6 +242,135 @@ def check_grammar(model: LlamaModel, grammar: str | None) -> None:
         llama_cpp.llama_sampler_free(_init_grammar(model, grammar))
 
 
+_GUARD_NAME = b"grammar-guard"  # lives as long as the module: the pointer the name callback returns
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+# UTF-8 lead bytes -> (continuation bytes needed, allowed range of the first continuation).
+_UTF8_LEADS = {b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}
+_UTF8_LEADS.update({b: (2, 0x80, 0xBF) for b in range(0xE1, 0xF0)})
+_UTF8_LEADS.update({0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F), 0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)})
+_UTF8_LEADS.update({b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)})
+
+
+def _utf8_tail(data: bytes) -> bytes | None:
+    """The incomplete last character of `data` (b"" if none), or None if `data` is not a prefix of
+    valid UTF-8 (no overlong forms, surrogates or values past U+10FFFF)."""
+    i, n = 0, len(data)
+    while i < n:
+        b = data[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if b not in _UTF8_LEADS:
+            return None
+        need, lo, hi = _UTF8_LEADS[b]
+        for k in range(1, need + 1):
+            if i + k >= n:
+                return data[i:]
+            c = data[i + k]
+            if not (lo <= c <= hi if k == 1 else 0x80 <= c <= 0xBF):
+                return None
+        i += need + 1
+    return b""
+
+
+_byte_tokens_cache: "weakref.WeakKeyDictionary[LlamaModel, dict[int, np.ndarray]]" = weakref.WeakKeyDictionary()
+
+
+def _byte_tokens(model: LlamaModel) -> dict[int, np.ndarray]:
+    """byte value (0x80-0xFF) -> ids of the byte-fallback tokens that stand for that byte alone.
+    A vocabulary scan, once per model (about 60 ms for Llama 2's 32,000 tokens)."""
+    table = _byte_tokens_cache.get(model)
+    if table is None:
+        found: dict[int, list[int]] = {}
+        for t in range(model.n_vocab):
+            p = model.piece(t)
+            if len(p) == 1 and p[0] >= 0x80:
+                found.setdefault(p[0], []).append(t)
+        table = {b: np.array(ids, dtype=np.int32) for b, ids in found.items()}
+        _byte_tokens_cache[model] = table
+    return table
+
+
+class _GrammarGuard:
+    """llama.cpp's grammar sampler, wrapped in a Python sampler that mends two holes in it.
+
+    1. A dead end aborts the process. When a grammar allows no token at all (it needs a character
+       no token can produce, like NUL), every logit is -inf, the draw picks a forbidden token, and
+       llama.cpp's grammar accept throws a C++ exception through the C API (std::terminate) or
+       GGML_ABORTs on EOS. Here such a step allows only EOS instead, `dead_end` is set, and the
+       grammar is no longer fed.
+    2. llama.cpp's UTF-8 decoder takes any byte from 0xF8 up as a lead byte and does not refuse
+       overlong forms, so byte-fallback tokens can spell what it reads as '"' (0xC0 0xA2,
+       0xE0 0x80 0xA2, ...) and the grammar would close a JSON string that the text never closes.
+       Here byte tokens that would not continue valid UTF-8 are masked before the draw.
+    Costs two Python calls per token; the vocabulary work is numpy."""
+
+    def __init__(self, model: LlamaModel, grammar: str):
+        lc = llama_cpp
+        self.model = model
+        self.eos = llama_cpp.llama_vocab_eos(model._vocab)
+        self.dead_end = False
+        self.bytes = _byte_tokens(model)
+        self.pending = b""  # the output's unfinished UTF-8 character
+        self._masks: dict[bytes, np.ndarray] = {}  # pending -> byte-token ids it may not be followed by
+        self.inner = _init_grammar(model, grammar)
+        # The callbacks and the interface table must outlive the C sampler: they live on self,
+        # which the Sampler keeps until it frees the chain (and with it this sampler).
+        self._callbacks = (
+            lc.llama_sampler_i_name(lambda smpl: _GUARD_NAME),
+            lc.llama_sampler_i_accept(self._accept),
+            lc.llama_sampler_i_apply(self._apply),
+            lc.llama_sampler_i_free(self._free),
+        )
+        self._iface = lc.llama_sampler_i()
+        self._iface.name, self._iface.accept, self._iface.apply, self._iface.free = self._callbacks
+        self.smpl = lc.llama_sampler_init(ctypes.pointer(self._iface), None)
+
+    def _invalid_bytes(self) -> np.ndarray:
+        mask = self._masks.get(self.pending)
+        if mask is None:
+            bad = [ids for b, ids in self.bytes.items() if _utf8_tail(self.pending + bytes([b])) is None]
+            mask = self._masks[self.pending] = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int32)
+        return mask
+
+    def _apply(self, smpl, cur_p) -> None:
+        arr = cur_p.contents
+        if arr.size == 0:
+            return
+        raw = (ctypes.c_byte * (arr.size * _TOKEN_DATA.itemsize)).from_address(ctypes.addressof(arr.data.contents))
+        cands = np.frombuffer(raw, dtype=_TOKEN_DATA)
+        if not self.dead_end:
+            llama_cpp.llama_sampler_apply(self.inner, cur_p)
+            bad = self._invalid_bytes()
+            ids = cands["id"]
+            if len(ids) == self.model.n_vocab and np.array_equal(ids[bad], bad):  # the whole vocabulary, by id
+                cands["logit"][bad] = -np.inf
+            else:
+                cands["logit"][np.isin(ids, bad)] = -np.inf
+            if np.isfinite(cands["logit"]).any():
+                return
+            log.warning("the grammar allows no token here: ending the sequence")
+            self.dead_end = True
+        cands["logit"] = -np.inf
+        cands["logit"][cands["id"] == self.eos] = 0.0
+        if not np.isfinite(cands["logit"]).any():
+            cands["logit"][0] = 0.0  # EOS not among the candidates: anything finite, never fed on
+
+    def _accept(self, smpl, token: int) -> None:
+        if self.dead_end:
+            return
+        llama_cpp.llama_sampler_accept(self.inner, token)
+        if not self.model.is_eog(token):
+            self.pending = _utf8_tail(self.pending + self.model.piece(token)) or b""
+
+    def _free(self, smpl) -> None:
+        if self.inner:
+            llama_cpp.llama_sampler_free(self.inner)
+            self.inner = None
+
+
 class Sampler:
     """One llama.cpp sampler chain: one per sequence, each with its own seed.
 
@@ -259,6 +391,7 @@ class Sampler:
 
     def __init__(self, model: LlamaModel, params: GenerationParams, seed: int, history: list[int]):
         lc = llama_cpp
+        self._grammar: _GrammarGuard | None = None
         self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         try:
             self._build(model, params, seed, history)
@@ -269,7 +402,9 @@ class Sampler:
     def _build(self, model: LlamaModel, params: GenerationParams, seed: int, history: list[int]) -> None:
         lc = llama_cpp
         if params.grammar is not None:
-            lc.llama_sampler_chain_add(self.chain, _init_grammar(model, params.grammar))
+            guard = _GrammarGuard(model, params.grammar)
+            self._grammar = guard  # keeps its callbacks alive as long as the chain
+            lc.llama_sampler_chain_add(self.chain, guard.smpl)
         if params.repetition_penalty != 1.0:
             # The window is the whole context, and the prompt's tokens are fed in below,
             # so a token seen anywhere in prompt or output is penalised, as in HF.
@@ -293,7 +428,14 @@ class Sampler:
             lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_p(params.top_p, 1))
         lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_dist(seed))
 
+    @property
+    def grammar_dead_end(self) -> bool:
+        """True once the grammar allowed no token and the sequence was ended with EOS instead:
+        its text is an incomplete prefix of the grammar's language."""
+        return self._grammar is not None and self._grammar.dead_end
+
     def free(self) -> None:
         if self.chain:
             llama_cpp.llama_sampler_free(self.chain)
             self.chain = None
+        self._grammar = None

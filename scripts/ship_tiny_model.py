@@ -47,6 +47,8 @@ def main() -> int:
     training = json.loads((args.src / "training.json").read_text())
     manifest = {
         "model_id": MODEL_ID,
+        # A base model (fortune files, no chat tuning), though its GGUF carries Llama 2's chat template.
+        "chat": False,
         "source": {"trained_by": "scripts/train_tiny_llama.py", "corpus": training.get("corpus", {}).get("sources")},
         "converter_version": CONVERTER_VERSION,
         "created": utc_now(),

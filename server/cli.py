@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound
 from server.settings import Settings, read_api_keys
@@ -42,8 +43,15 @@ def _setup_logging(verbose: bool) -> None:
 
 # --- model resolution -------------------------------------------------------------
 
-def resolve_model(ref: str | None, store) -> tuple[Path, str, bool]:
-    """(path, model id, is_demo) for --model: a GGUF path, a store id, or None for the built-in demo."""
+class ResolvedModel(NamedTuple):
+    path: Path
+    model_id: str
+    demo: bool
+    chat: bool | None  # the store manifest's verdict (False: a base model even if its GGUF has a template); None: the GGUF decides
+
+
+def resolve_model(ref: str | None, store) -> ResolvedModel:
+    """--model: a GGUF path, a store id, or None for the built-in demo."""
     if ref is None:
         ref = DEMO_ID
     p = Path(ref).expanduser()
@@ -52,19 +60,30 @@ def resolve_model(ref: str | None, store) -> tuple[Path, str, bool]:
             raise ModelNotFound(f"no model file at {p}")
         from convert.pipeline import model_id_for
 
-        return p, model_id_for(Path(p.stem.split(".")[0])), False
+        return ResolvedModel(p, model_id_for(Path(p.stem.split(".")[0])), False, None)
     mf = store.resolve(ref)
     # A store file must still be the one its manifest describes: size every time, sha256 when it changed.
     store.check_before_load(mf)
-    return mf.path, mf.model_id, mf.model_id == DEMO_ID
+    return ResolvedModel(mf.path, mf.model_id, mf.model_id == DEMO_ID, mf.chat)
 
 
-def _load_runtime(path: Path, model_id: str, settings: Settings):
+def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None):
+    """chat: resolve_model's verdict; --no-chat and --chat-template (settings) override it."""
     from runtime import load
 
+    template = None
+    if settings.no_chat:
+        chat = False
+    elif settings.chat_template:
+        chat = None  # the user's template makes it a chat model, whatever the store says
+        try:
+            template = Path(settings.chat_template).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidParameter("chat_template", f"cannot read {settings.chat_template}: "
+                                                    f"{getattr(e, 'strerror', None) or e}") from None
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
-                prefill_chunk=settings.prefill_chunk)
+                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -92,10 +111,10 @@ def cmd_serve(args) -> int:
         insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
-        prefill_chunk=args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
     )
     settings.check()
-    path, model_id, demo = resolve_model(settings.model, Store())
+    path, model_id, demo, chat = resolve_model(settings.model, Store())
     _raise_open_file_limit(settings.max_connections + 64)
     app = create_app(settings)
     server = make_server(app, settings)
@@ -106,7 +125,7 @@ def cmd_serve(args) -> int:
         # loop, which then prints the reason and exits non-zero. (Interrupting the main thread
         # instead raced with its start-up and printed "interrupted".)
         try:
-            set_runtime(app, _load_runtime(path, model_id, settings))
+            set_runtime(app, _load_runtime(path, model_id, settings, chat))
             rt = app.extensions["llamabox"].runtime
             print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
@@ -168,11 +187,12 @@ def cmd_generate(args) -> int:
         body["stop"] = args.stop
     if args.system is not None:
         body["system_prompt"] = args.system
-    settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap)
+    settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
+                        chat_template=args.chat_template, no_chat=args.no_chat)
     settings.check()
-    path, model_id, _ = resolve_model(args.model, Store())
+    path, model_id, _, chat = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
-    rt = _load_runtime(path, model_id, settings)
+    rt = _load_runtime(path, model_id, settings, chat)
     try:
         t0 = time.perf_counter()
         out = sys.stdout
@@ -184,6 +204,76 @@ def cmd_generate(args) -> int:
         c = result.completions[0]
         print(f"[{c.generated_tokens} tokens in {dt:.2f}s = {c.generated_tokens / dt:.1f} tok/s, prompt {c.prompt_tokens} tokens, "
               f"finish: {c.finish_reason}, seed {result.seed}]", file=sys.stderr)
+    finally:
+        rt.close()
+    return 0
+
+
+CHAT_HELP = "commands: /reset starts a new conversation, /exit (or Ctrl-D) quits; Ctrl-C stops an answer"
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn conversation in the terminal with the model's own chat template, like `ollama run`."""
+    from convert.store import Store
+    from runtime import GenerationParams
+    from server.validation import as_float, as_int
+
+    settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
+                        chat_template=args.chat_template, no_chat=args.no_chat)
+    settings.check()
+    temperature = as_float("temperature", args.temperature, 0.0, 5.0)
+    max_tokens = as_int("max_tokens", args.max_tokens, 1, 1_000_000)
+    seed = None if args.seed is None else as_int("seed", args.seed, 0, 0xFFFFFFFE)
+    path, model_id, _, chat = resolve_model(args.model, Store())
+    if settings.no_chat or (chat is False and not settings.chat_template):
+        return _die(f"{model_id} is used as a base model; chat needs a chat model (or --chat-template FILE)")
+    rt = _load_runtime(path, model_id, settings, chat)
+    try:
+        if not rt.info.chat:
+            return _die(f"{model_id} has no chat template; use `llamabox generate`, or give one with --chat-template FILE")
+        start = [{"role": "system", "content": args.system}] if args.system else []
+        messages = list(start)
+        tty = sys.stdin.isatty()
+        print(f"llamabox: chatting with {model_id} (context {rt.info.n_ctx} tokens); {CHAT_HELP}", file=sys.stderr)
+        while True:
+            try:
+                line = input(">>> " if tty else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if text in ("/exit", "/bye", "/quit"):
+                break
+            if text == "/reset":
+                messages = list(start)
+                print("(new conversation)", file=sys.stderr)
+                continue
+            if not text:
+                continue
+            if text.startswith("/") and " " not in text:
+                print(CHAT_HELP, file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            try:
+                tokens = rt.chat_tokens(messages)
+                room = rt.info.n_ctx - len(tokens)
+                if room < 1:
+                    raise InvalidParameter("messages", f"the conversation is {len(tokens)} tokens and fills the context")
+                params = GenerationParams(max_length=min(max_tokens, room), temperature=temperature, seed=seed)
+                job = rt.submit_tokens(tokens, params, on_text=lambda _i, t: (sys.stdout.write(t), sys.stdout.flush()))
+            except InvalidParameter as e:
+                messages.pop()
+                print(f"llamabox: {e.message}; /reset starts a new conversation", file=sys.stderr)
+                continue
+            try:
+                answer = job.future.result().completions[0].text
+            except KeyboardInterrupt:  # stop this answer, keep the conversation
+                job.cancel()
+                messages.pop()
+                print("\n(stopped)", file=sys.stderr)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": answer})
     finally:
         rt.close()
     return 0
@@ -292,6 +382,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")
     p.add_argument("--ctx", type=int, default=0,
                    help="context size in tokens, shared by running sequences (default: the model's, at most 4096)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat-template", metavar="FILE",
+                      help="a Jinja chat template (Hugging Face's format) to use instead of the model's own")
+    chat.add_argument("--no-chat", action="store_true",
+                      help="plain completion: never wrap prompts in a chat template, even if the model has one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt (chat models)")
     p.add_argument("--quiet-prompt", action="store_true", help="print only the completion")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a chat model in the terminal, answers printed as they come")
+    _add_model_flags(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--max-tokens", default=1024, help="longest answer, in tokens (default 1024)")
+    p.add_argument("--seed", help="seed for reproducible answers")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("pull", help="download Llama 2 from the Hugging Face Hub, convert and quantize it")
     p.add_argument("name", help="llamav2-7b or llamav2-7b-chat (or any id, with --repo)")

@@ -30,6 +30,8 @@ class Settings:
     idle_timeout_s: float = 15.0      # a connection with no request in progress, silent this long, is closed
     read_timeout_s: float = 30.0      # a request (headers + body) not fully received this long after its first byte is dropped
     prefill_chunk: int = 64           # prompt tokens evaluated per step while other sequences generate
+    chat_template: str | None = None  # a Jinja chat template file used instead of the GGUF's (--chat-template)
+    no_chat: bool = False             # never wrap prompts in a chat template, even if the model has one (--no-chat)
 
     @property
     def is_loopback(self) -> bool:

@@ -132,15 +132,17 @@ def _stream(job, deltas: queue.SimpleQueue, head: dict, n_prompt: int, req: V1Re
             for i in range(n):
                 yield chunk(i, role=True)
         while True:
+            if time.monotonic() > deadline:
+                yield error_event(504, f"generation did not finish within {settings.request_timeout_s:g} s and was cancelled",
+                                  "timeout")
+                return
             try:
                 item = deltas.get(timeout=POLL_S)
             except queue.Empty:
+                # While text flows, a gone client shows up as a failed write (GeneratorExit here);
+                # while it does not, we ask.
                 if gone():
                     log.info("run %s: client disconnected mid-stream; generation cancelled", run_id)
-                    return
-                if time.monotonic() > deadline:
-                    yield error_event(504, f"generation did not finish within {settings.request_timeout_s:g} s and was cancelled",
-                                      "timeout")
                     return
                 continue
             if item is _DONE:

@@ -41,10 +41,11 @@ def gguf_files(tiny_hf, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def runtime(gguf_files):
-    """A base-model runtime on the F16 file; shared by tests, so its worker sees concurrent use too."""
+    """A base-model runtime on the F16 file (chat=False: the GGUF has Llama 2's template, as Meta's base repo
+    ships one); shared by tests, so its worker sees concurrent use too."""
     from runtime import load
 
-    rt = load(gguf_files["f16"], n_ctx=512, n_threads=2, model_id="llamav2-7b", n_parallel=4, queue_size=16)
+    rt = load(gguf_files["f16"], n_ctx=512, n_threads=2, model_id="llamav2-7b", chat=False, n_parallel=4, queue_size=16)
     yield rt
     rt.close()
 

@@ -89,3 +89,22 @@ def test_convert_refuses_unknown_quant(tmp_path, tiny_hf):
     folder, _ = tiny_hf
     line = one_line_error(llamabox("convert", folder, "--quant", "q9_9", home=tmp_path), 2)
     assert "q9_9" in line
+
+
+def test_chat_talks_in_turns_and_takes_commands(tmp_path, gguf_files):
+    """Two turns, a reset, and an exit, through a pipe; the tiny model's GGUF carries Llama 2's template."""
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "chat", "--model", str(gguf_files["f16"]), "--temperature", "0",
+                           "--max-tokens", "8", "--system", "Be brief."],
+                          input="Hello\nAnd then?\n/reset\nHi\n/exit\nnever read\n", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LLAMABOX_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    answers = proc.stdout.splitlines()
+    assert len(answers) == 3 and all(a.strip() for a in answers)
+    assert "(new conversation)" in proc.stderr
+
+
+def test_chat_needs_a_chat_model(tmp_path, gguf_files):
+    line = one_line_error(subprocess.run([sys.executable, "-m", "server.cli", "chat", "--model", str(gguf_files["f16"]), "--no-chat"],
+                                         input="", capture_output=True, text=True, timeout=120,
+                                         env={**os.environ, "LLAMABOX_HOME": str(tmp_path)}), 1)
+    assert "base model" in line

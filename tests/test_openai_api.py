@@ -41,9 +41,10 @@ def serve(app):
     return f"http://127.0.0.1:{server.effective_port}", stop
 
 
-def slow_neighbour(rt, per_token_s: float = 0.005, n: int = 400):
+def slow_neighbour(rt, per_token_s: float = 0.005, n: int = 250):
     """A running request whose text callback sleeps: every decode step then takes at least
-    per_token_s, so what runs beside it is slow enough to observe mid-way. Cancel it after."""
+    per_token_s, so what runs beside it is slow enough to observe mid-way. Cancel it after.
+    (It holds about 270 of the 512 KV cells: what runs beside it must fit in the rest.)"""
     return rt.submit("Numbers like 1234", GenerationParams(max_length=n, temperature=0.0),
                      on_text=lambda _i, _t: time.sleep(per_token_s))
 
@@ -217,11 +218,11 @@ def test_timeout_is_504(chat_runtime, settings):
     neighbour = slow_neighbour(chat_runtime)
     try:
         with pytest.raises(openai.InternalServerError) as e:
-            sdk(url).completions.create(model=MODEL, prompt="Numbers like 1234", max_tokens=300, temperature=0)
+            sdk(url).completions.create(model=MODEL, prompt="Numbers like 1234", max_tokens=200, temperature=0)
         assert e.value.status_code == 504
         # the same deadline mid-stream: a final error event, which the SDK raises
         with pytest.raises(openai.APIError, match="did not finish"):
-            for _ in sdk(url).completions.create(model=MODEL, prompt="Numbers like 1234", max_tokens=300, temperature=0,
+            for _ in sdk(url).completions.create(model=MODEL, prompt="Numbers like 1234", max_tokens=200, temperature=0,
                                                  stream=True):
                 pass
     finally:
@@ -236,7 +237,7 @@ def test_disconnect_mid_stream_cancels_and_frees_the_sequences(live_server, chat
     before = sched.stats["jobs_cancelled"]
     neighbour = slow_neighbour(chat_runtime)
     try:
-        r = requests.post(live_server + "/v1/completions", json={"model": MODEL, "prompt": "Numbers like 1234", "max_tokens": 300,
+        r = requests.post(live_server + "/v1/completions", json={"model": MODEL, "prompt": "Numbers like 1234", "max_tokens": 100,
                                                                  "temperature": 0, "n": 2, "stream": True},
                           headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=30)
         lines = r.iter_lines()

@@ -40,7 +40,7 @@ def test_greedy_output_is_made_of_corpus_words(demo):
     from runtime import GenerationParams, load
 
     vocab = set((demo.path.parent / "vocab.txt").read_text(encoding="utf-8").split())
-    rt = load(demo.path, n_ctx=512, n_threads=2, model_id=DEMO)
+    rt = load(demo.path, n_ctx=512, n_threads=2, model_id=DEMO, chat=demo.chat)  # the manifest says base
     try:
         words = []
         for prompt in ("Once upon a time", "The best thing about", "A man walked into", "Life is",

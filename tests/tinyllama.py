@@ -2,7 +2,8 @@
 
 The checkpoint is what a user would download: config.json, safetensors (single
 or sharded, fp32/fp16/bf16), a SentencePiece tokenizer.model trained here with
-byte fallback, and tokenizer_config.json with Llama 2's chat template.
+byte fallback, and tokenizer_config.json with Llama 2's chat template (or another,
+or none; with CHATML_TOKENS added as special tokens, a ChatML model).
 
 Dimensions are multiples of 256 so llama.cpp's K-quants (QK_K = 256) accept
 every weight matrix: n_embd 256 and n_ff 512 are the rows K-quants see.
@@ -29,6 +30,15 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+
+# SmolLM2-Instruct's template (HuggingFaceTB/SmolLM2-135M-Instruct): ChatML with a default system turn.
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -139,10 +149,15 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) ->
             f.write(b)
 
 
-def make_tiny_llama(folder: Path, cfg: TinyConfig = TinyConfig(), dtype: str = "F32", shards: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write the checkpoint; return the weights as the checkpoint stores them (rounded to dtype), in float32."""
+def make_tiny_llama(folder: Path, cfg: TinyConfig = TinyConfig(), dtype: str = "F32", shards: int = 1, seed: int = 0,
+                    chat_template: str | None = LLAMA2_CHAT_TEMPLATE, added_tokens: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Write the checkpoint; return the weights as the checkpoint stores them (rounded to dtype), in float32.
+
+    chat_template None: tokenizer_config.json has none (a base repo). added_tokens: special tokens
+    after the SentencePiece pieces, ids cfg.n_vocab - len(added_tokens) on, as HF's added_tokens_decoder."""
     folder.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(folder, cfg.n_vocab)
+    n_pieces = cfg.n_vocab - len(added_tokens)
+    train_tokenizer(folder, n_pieces)
     hf_config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.n_vocab, "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_ff,
@@ -152,10 +167,17 @@ def make_tiny_llama(folder: Path, cfg: TinyConfig = TinyConfig(), dtype: str = "
         "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype],
     }
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "chat_template": LLAMA2_CHAT_TEMPLATE, "tokenizer_class": "LlamaTokenizer",
-    }, indent=2))
+    tok_cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if chat_template is not None:
+        tok_cfg["chat_template"] = chat_template
+    tok_cfg["tokenizer_class"] = "LlamaTokenizer"
+    if added_tokens:
+        tok_cfg["added_tokens_decoder"] = {
+            str(n_pieces + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                                "single_word": False}
+            for i, t in enumerate(added_tokens)
+        }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     w = random_weights(cfg, seed)
     names = list(w)
     if shards == 1:
