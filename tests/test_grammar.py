@@ -199,7 +199,7 @@ def test_json_whitespace_is_bounded():
     """One optional space between tokens: a model cannot spend max_length on blanks."""
     for g in [JSON_OBJECT_GRAMMAR, schema_to_grammar(SCHEMAS["nested"])]:
         assert 'space ::= " "?' in g
-        assert "\\n" not in g.replace('"\\\\" (["\\\\/bfnrt]', "")  # no newline except as an escape
+        assert "\\n" not in g and "\\t" not in g  # blanks are one optional space; strings refuse raw \x00-\x1F
 
 
 def test_grammar_holds_at_temperature_zero_and_with_other_samplers(grt):
@@ -413,3 +413,14 @@ def test_a_pattern_llama_cpp_cannot_parse_is_caught_before_generation(grt):
 def test_string_rule_refuses_raw_control_characters():
     g = schema_to_grammar({"type": "string"})
     assert "[^\"\\\\]" not in g and "\\x00-\\x1F" in g
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_refused_at_submit(runtime):
+    """Checked on the caller's thread: the request gets InvalidParameter, nobody beside it is failed."""
+    from runtime.errors import InvalidParameter
+
+    other = runtime.submit("Hello", GenerationParams(max_length=40, temperature=0.0))
+    with pytest.raises(InvalidParameter) as e:
+        runtime.submit("Hi", GenerationParams(max_length=5, grammar='root ::= "a" [unterminated'))
+    assert e.value.field == "response_format"
+    assert other.future.result(30).completions[0].generated_tokens > 0
