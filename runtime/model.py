@@ -1,6 +1,6 @@
 """One llama.cpp model and context, through llama-cpp-python's low-level C API.
 
-This module and runtime/quantize.py are the only code that imports llama_cpp.
+This module, runtime/quantize.py and runtime/chat_template.py are the only code that imports llama_cpp.
 
 Thread safety: tokenize/piece/is_eog only read the vocabulary and may be called
 from any thread. Everything that touches the context (decode, memory, sampling)

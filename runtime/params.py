@@ -25,7 +25,7 @@ class GenerationParams:
                                      # already generated (prompt not counted); 0.0 = none
     seed: int | None = None          # None = a fresh random seed per request; same seed -> same list
     stop: tuple[str, ...] = ()       # generation of a sequence ends before the first of these strings
-    system_prompt: str | None = None  # chat models only: goes in <<SYS>> inside the first [INST]
+    system_prompt: str | None = None  # chat models only: the system turn of the model's chat template
     grammar: str | None = None       # GBNF (llama.cpp grammar) text, start rule "root": every sampled
                                      # token must keep the output a prefix of the language (EOS only once
                                      # it is complete); None = unconstrained. runtime/grammar.py makes it
