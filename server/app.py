@@ -53,6 +53,7 @@ class AppState:
     settings: Settings
     runtime: Runtime | None = None      # None while the model is loading
     load_error: str | None = None       # set when loading failed
+    draining: bool = False              # shutting down: finish what is in flight, take nothing new
     started: float = field(default_factory=time.monotonic)
 
 
@@ -180,12 +181,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     def _start():
         g.t0 = time.perf_counter()
         g.run_id = str(uuid.uuid4())
+        if state().draining and request.path not in ("/health", "/livez"):
+            # A request on a connection that was open before the drain began: nothing has started,
+            # so another replica can take it (nginx retries our 503s; see deploy/nginx.conf).
+            raise ApiError(503, "the server is shutting down; retry on another replica",
+                           {"Retry-After": "1", "Connection": "close"}, code="shutting_down")
 
     @app.get("/health")
     def health():
         # Unauthenticated (load balancers and probes call it), so it says nothing but the state;
         # the reasons go to the log and, with the key, to /models.
         st = state()
+        if st.draining:
+            return jsonify({"status": "draining"}), 503
         if st.runtime is None:
             return jsonify({"status": "failed" if st.load_error else "loading"}), 503
         if not st.runtime.ready:

@@ -112,6 +112,7 @@ def cmd_serve(args) -> int:
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
+        drain_timeout_s=args.drain_timeout,
     )
     settings.check()
     path, model_id, demo, chat = resolve_model(settings.model, Store())
@@ -151,19 +152,38 @@ def cmd_serve(args) -> int:
     sys.stderr.flush()
 
     signals = []
+    st = app.extensions["llamabox"]
 
     def on_signal(signum, _frame):
+        # Only flags here: the serve loop (this same thread, between iterations) does the work.
         signals.append(signum)
         if len(signals) > 1:  # a second signal: no more waiting
             os._exit(128 + signum)
-        server.request_stop()
+        st.draining = True
+        server.begin_drain()
+
+    def idle() -> bool:
+        return st.runtime is None or st.runtime.scheduler.inflight == 0
+
+    def cancel_rest() -> None:
+        if st.runtime is not None:
+            log.warning("drain timeout (%gs): cancelling %d requests still in flight", settings.drain_timeout_s,
+                        st.runtime.scheduler.inflight)
+            st.runtime.close()  # fails what is left with ShuttingDown: 503 + Retry-After
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
     loader.start()
     try:
-        server.run()
+        server.run(drain_timeout_s=settings.drain_timeout_s, idle=idle, cancel=cancel_rest)
+        if signals:
+            name = signal.Signals(signals[0]).name
+            busy = st.runtime.scheduler.inflight if st.runtime is not None else 0
+            if busy:
+                log.warning("%s: exiting with %d requests unfinished", name, busy)
+            else:
+                log.info("%s: drained; every request in flight finished", name)
     finally:
         loader.join() if not signals else None  # after a load failure, `failed` is complete before we read it
         rt = app.extensions["llamabox"].runtime
@@ -408,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a connection with no request in progress is closed (default 15)")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send a whole request, headers and body (default 30)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds that requests in flight get to finish (default 30)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens evaluated per step while other requests generate (default 64)")
     p.set_defaults(func=cmd_serve)

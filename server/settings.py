@@ -30,6 +30,7 @@ class Settings:
     idle_timeout_s: float = 15.0      # a connection with no request in progress, silent this long, is closed
     read_timeout_s: float = 30.0      # a request (headers + body) not fully received this long after its first byte is dropped
     prefill_chunk: int = 64           # prompt tokens evaluated per step while other sequences generate
+    drain_timeout_s: float = 30.0     # on SIGTERM/SIGINT: how long requests in flight may take to finish
     chat_template: str | None = None  # a Jinja chat template file used instead of the GGUF's (--chat-template)
     no_chat: bool = False             # never wrap prompts in a chat template, even if the model has one (--no-chat)
 
@@ -60,7 +61,7 @@ class Settings:
             raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:
             raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
-        for name in ("idle_timeout_s", "read_timeout_s"):
+        for name in ("idle_timeout_s", "read_timeout_s", "drain_timeout_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise InvalidParameter(name.removesuffix("_s").replace("_", "-"), f"must be a positive number of seconds, got {v}")

@@ -105,8 +105,10 @@ class HttpServer:
             s.llamabox_read_timeout = read_timeout_s
             s.llamabox_error_body = error_body
         self._stop = threading.Event()
+        self._drain = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
+        self.listening = True
 
     @property
     def effective_port(self) -> int:
@@ -116,20 +118,62 @@ class HttpServer:
     def open_connections(self) -> int:
         return sum(1 for d in list(self._map.values()) if isinstance(d, HTTPChannel))
 
-    def run(self) -> None:
-        """Serve until close() (from any thread, a signal handler included)."""
+    @property
+    def busy_connections(self) -> int:
+        """Connections with a request being answered or an answer still being sent."""
+        return sum(1 for d in list(self._map.values())
+                   if isinstance(d, HTTPChannel) and (d.requests or d.total_outbufs_len))
+
+    def run(self, drain_timeout_s: float = 30.0, idle: Callable[[], bool] = lambda: True,
+            cancel: Callable[[], None] = lambda: None) -> None:
+        """Serve until request_stop(), or until a drain (begin_drain(), from a signal handler say) ends:
+        the listening sockets close at once, so new connections are refused and a load balancer
+        moves on; requests in flight go on until `idle()` and no connection is busy, or until
+        drain_timeout_s; then `cancel()` (which should fail what is left, quickly), and a few
+        seconds more for those answers to go out."""
         self._stopped.clear()
+        deadline = None
+        cancelled = False
         try:
             while not self._stop.is_set():
-                wasyncore.loop(timeout=1.0, map=self._map, use_poll=True, count=1)
+                if self._drain.is_set():
+                    now = time.monotonic()
+                    if deadline is None:
+                        self._close_listeners()
+                        deadline = now + drain_timeout_s
+                    if idle() and not self.busy_connections:
+                        break
+                    if now > deadline:
+                        if cancelled:
+                            log.warning("drain: %d connections still busy; closing them", self.busy_connections)
+                            break
+                        cancelled = True
+                        cancel()
+                        deadline = now + 5.0  # time for the 503s to go out
+                wasyncore.loop(timeout=0.2 if self._drain.is_set() else 1.0, map=self._map, use_poll=True, count=1)
         finally:
             self._stopped.set()
+
+    def _close_listeners(self) -> None:
+        # Not BaseWSGIServer.close(): that closes the trigger too, which the loop still needs.
+        for s in self._listeners:
+            s.accepting = False
+            wasyncore.dispatcher.close(s)
+        self.listening = False
+
+    def begin_drain(self) -> None:
+        """Stop accepting connections and finish what is in flight; safe from a signal handler."""
+        self._drain.set()
+        self._wake()
 
     def request_stop(self) -> None:
         """Make run() return soon; safe from a signal handler (sets a flag, writes one byte)."""
         self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
         try:
-            self._listeners[0].pull_trigger()
+            self._listeners[0].trigger.pull_trigger()
         except OSError:
             pass
 
