@@ -68,6 +68,10 @@ class Job:
     pinned: list = field(default_factory=list)  # cache entries whose cells this job shares
     cursor: int = 0                   # prompt tokens evaluated (or reused) so far
     reused: int = 0                   # prompt tokens copied from the prefix cache
+    # monotonic seconds, for metrics: queued, first token sampled, future resolved
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def cells_needed(self) -> int:
@@ -145,7 +149,7 @@ class Scheduler:
         # submit() also bumps when it purges cancelled waiting jobs: that goes through _count_cancelled.
         self._stats_lock = threading.Lock()
         self.stats = {"jobs_submitted": 0, "prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0,
-                      "kv_full_retries": 0}
+                      "kv_full_retries": 0, "prefix_cache_hits": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
@@ -168,6 +172,7 @@ class Scheduler:
                 raise QueueFull(f"the server is at capacity ({self.capacity} requests running or waiting); retry shortly")
             self._inflight += 1
             self.stats["jobs_submitted"] += 1  # under _lock: submit() runs on many threads
+            job.submitted_at = time.monotonic()
             job.future.add_done_callback(self._release)
             self._queue.put(job)
         return job
@@ -212,6 +217,12 @@ class Scheduler:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    def gauges(self) -> dict[str, int]:
+        """A snapshot for /metrics (read from another thread: each value is one read, fine for gauges)."""
+        return {"waiting": max(0, self._inflight - len(self._jobs)), "active_sequences": len(self._active),
+                "prefilling": len(self._prefill), "kv_cells_reserved": self._reserved + self._cache_cells(),
+                "kv_cells_total": self.model.n_ctx, "cache_entries": len(self._cache)}
 
     # --- worker thread -----------------------------------------------------------
 
@@ -346,6 +357,7 @@ class Scheduler:
         job.cursor = job.reused = start
         log.debug("prompt of %d tokens, %d reused from the prefix cache", len(job.tokens), start)
         self.stats["prompt_tokens_reused"] += start
+        self.stats["prefix_cache_hits"] += start > 0
         self._prefill.append(job)
 
     def _requeue(self, job: Job) -> None:
@@ -353,6 +365,7 @@ class Scheduler:
         self._prefill.remove(job)
         self._release_job(job)
         self.stats["prompt_tokens_reused"] -= job.reused  # counted again when it restarts
+        self.stats["prefix_cache_hits"] -= job.reused > 0
         job.cursor = job.reused = 0
         self._waiting.appendleft(job)
 
@@ -447,6 +460,8 @@ class Scheduler:
     def _accept(self, s: _Seq, token: int) -> None:
         """Take a freshly sampled token: end on EOS, stop string or length, else queue it for decoding."""
         p = s.job.params
+        if s.job.first_token_at is None:
+            s.job.first_token_at = time.monotonic()
         if self.model.is_eog(token):
             s.finish = "eos"
         else:
@@ -531,6 +546,7 @@ class Scheduler:
         seqs = self._release_job(job)
         if job.future.done():
             return
+        job.finished_at = time.monotonic()
         if error is not None:
             job.future.set_exception(error)
         elif job.error is not None:

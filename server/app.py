@@ -26,6 +26,7 @@ from runtime.errors import InvalidParameter, LlamaboxError, QueueFull
 from runtime.engine import Runtime
 from runtime.params import Result
 
+from .metrics import Metrics, RequestRecord
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class AppState:
     load_error: str | None = None       # set when loading failed
     draining: bool = False              # shutting down: finish what is in flight, take nothing new
     started: float = field(default_factory=time.monotonic)
+    metrics: "Metrics | None" = None
 
 
 def state() -> AppState:
@@ -173,7 +175,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app = Flask("llamabox")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["llamabox"] = AppState(settings, runtime)
+    st = AppState(settings, runtime)
+    st.metrics = Metrics(lambda: [st.runtime] if st.runtime is not None else [], settings.log_format)
+    if runtime is not None:
+        st.metrics.model_loaded(runtime.info.model_id, runtime.info.load_seconds)
+    app.extensions["llamabox"] = st
     app.register_blueprint(predict_bp)
     app.register_blueprint(v1_bp)
 
@@ -181,11 +187,37 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     def _start():
         g.t0 = time.perf_counter()
         g.run_id = str(uuid.uuid4())
+        g.rec = RequestRecord(g.run_id, request.url_rule.rule if request.url_rule is not None else "unmatched")
         if state().draining and request.path not in ("/health", "/livez"):
             # A request on a connection that was open before the drain began: nothing has started,
             # so another replica can take it (nginx retries our 503s; see deploy/nginx.conf).
             raise ApiError(503, "the server is shutting down; retry on another replica",
                            {"Retry-After": "1", "Connection": "close"}, code="shutting_down")
+
+    @app.after_request
+    def _record(resp: Response):
+        # Probes and scrapes are neither counted nor logged: they would drown the requests that matter.
+        rec = g.get("rec")
+        if rec is not None and request.path not in ("/health", "/livez", "/metrics"):
+            rec.status = resp.status_code
+            metrics = st.metrics
+            resp.call_on_close(lambda: metrics.finish(rec))  # after the last byte of a stream too
+        return resp
+
+    @app.get("/livez")
+    def livez():
+        # Liveness: the process answers and the generation worker lives. A dead worker never
+        # comes back, so the right move for an orchestrator is a restart.
+        rt = state().runtime
+        if rt is not None and rt.scheduler.dead is not None:
+            return jsonify({"status": "worker stopped"}), 503
+        return jsonify({"status": "ok"})
+
+    @app.get("/metrics")
+    def metrics():
+        if not settings.metrics_public:
+            check_auth()
+        return Response(st.metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     def health():
@@ -248,3 +280,5 @@ def make_server(app: Flask, settings: Settings):
 def set_runtime(app: Flask, runtime: Runtime | None, load_error: str | None = None) -> None:
     st: AppState = app.extensions["llamabox"]
     st.runtime, st.load_error = runtime, load_error
+    if runtime is not None:
+        st.metrics.model_loaded(runtime.info.model_id, runtime.info.load_seconds)

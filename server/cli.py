@@ -112,9 +112,15 @@ def cmd_serve(args) -> int:
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
-        drain_timeout_s=args.drain_timeout,
+        drain_timeout_s=args.drain_timeout, metrics_public=args.metrics_public, log_format=args.log_format,
     )
     settings.check()
+    if settings.log_format == "json":  # one JSON object per access-log line, nothing around it
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("llamabox.access")
+        access.addHandler(handler)
+        access.propagate = False
     path, model_id, demo, chat = resolve_model(settings.model, Store())
     _raise_open_file_limit(settings.max_connections + 64)
     app = create_app(settings)
@@ -428,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a connection with no request in progress is closed (default 15)")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send a whole request, headers and body (default 30)")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="access log lines (default text)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds that requests in flight get to finish (default 30)")
     p.add_argument("--prefill-chunk", type=int, default=64,

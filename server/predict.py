@@ -1,9 +1,10 @@
 """The hosted Llama 2 endpoint's `predict` contract (the seed page), and /models."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, g, jsonify
 
 from .app import ApiError, check_auth, current_runtime, envelope, json_body, wait_for
+from .metrics import record_job
 from .validation import Limits, parse_json, parse_predict
 
 OK_MESSAGE = "Ran successfully"
@@ -14,11 +15,14 @@ bp = Blueprint("predict", __name__)
 def _predict(model_id: str | None):
     check_auth()
     rt = current_runtime()
+    g.rec.model = rt.info.model_id
     if model_id is not None and model_id != rt.info.model_id:
         raise ApiError(404, f"unknown model {model_id!r}: this server serves {rt.info.model_id!r} (POST /{rt.info.model_id}-webhook/predict)")
     body = json_body()
     prompt, params = parse_predict(parse_json(body), Limits(max_new_tokens=rt.info.n_ctx, max_sequences=rt.info.n_parallel))
-    result = wait_for(rt.submit(prompt, params))
+    job = rt.submit(prompt, params)
+    result = wait_for(job)
+    record_job(g.rec, rt.info.model_id, job, len(job.tokens), result)
     return envelope(OK_MESSAGE, [{"generated_text": prompt + c.text} for c in result.completions])
 
 

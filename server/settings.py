@@ -31,6 +31,8 @@ class Settings:
     read_timeout_s: float = 30.0      # a request (headers + body) not fully received this long after its first byte is dropped
     prefill_chunk: int = 64           # prompt tokens evaluated per step while other sequences generate
     drain_timeout_s: float = 30.0     # on SIGTERM/SIGINT: how long requests in flight may take to finish
+    metrics_public: bool = False      # /metrics without the API key (for a scraper on a private network)
+    log_format: str = "text"          # access log lines: "text" (key=value) or "json"
     chat_template: str | None = None  # a Jinja chat template file used instead of the GGUF's (--chat-template)
     no_chat: bool = False             # never wrap prompts in a chat template, even if the model has one (--no-chat)
 
@@ -61,6 +63,8 @@ class Settings:
             raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:
             raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
+        if self.log_format not in ("text", "json"):
+            raise InvalidParameter("log_format", f"must be text or json, got {self.log_format!r}")
         for name in ("idle_timeout_s", "read_timeout_s", "drain_timeout_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):

@@ -25,6 +25,7 @@ from runtime.errors import LlamaboxError, QueueFull
 from runtime.params import Result
 
 from .app import POLL_S, ApiError, check_auth, current_runtime, json_body, openai_error_dict, state, wait_for
+from .metrics import record_job
 from .v1_schema import V1Request, fill_max_length, parse_chat, parse_completion
 from .validation import Limits, parse_json
 
@@ -63,6 +64,7 @@ def models():
 def chat_completions():
     check_auth()
     rt = current_runtime()
+    g.rec.model = rt.info.model_id
     req = parse_chat(parse_json(json_body()), _limits(rt))
     _check_model(rt, req.model)
     tokens = rt.chat_tokens(list(req.messages))
@@ -73,6 +75,7 @@ def chat_completions():
 def completions():
     check_auth()
     rt = current_runtime()
+    g.rec.model = rt.info.model_id
     req = parse_completion(parse_json(json_body()), _limits(rt))
     _check_model(rt, req.model)
     tokens = rt.raw_tokens(req.prompt)
@@ -88,12 +91,15 @@ def _run(rt, req: V1Request, tokens: list[int], field: str, chat: bool):
         deltas: queue.SimpleQueue = queue.SimpleQueue()
         job = rt.submit_tokens(tokens, params, on_text=lambda i, text: deltas.put((i, text)))
         job.future.add_done_callback(lambda _f: deltas.put(_DONE))
+        g.rec.stream = True
         stream = _stream(job, deltas, {**head, "object": kind + ".chunk" if chat else kind}, len(tokens), req, chat)
         resp = Response(stream_with_context(stream), mimetype="text/event-stream")
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return resp
-    result = wait_for(rt.submit_tokens(tokens, params))
+    job = rt.submit_tokens(tokens, params)
+    result = wait_for(job)
+    record_job(g.rec, rt.info.model_id, job, len(tokens), result)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                     "finish_reason": _FINISH.get(c.finish_reason, "stop")} for i, c in enumerate(result.completions)]
@@ -114,6 +120,7 @@ def _stream(job, deltas: queue.SimpleQueue, head: dict, n_prompt: int, req: V1Re
     n = req.params.num_return_sequences
     extra = {"usage": None} if req.include_usage else {}
     run_id = g.run_id
+    rec = g.rec  # the access log reads it when the response closes, after the last event
 
     def chunk(index: int, delta: str | None = None, finish: str | None = None, role: bool = False) -> str:
         if chat:
@@ -162,6 +169,7 @@ def _stream(job, deltas: queue.SimpleQueue, head: dict, n_prompt: int, req: V1Re
             log.error("run %s failed mid-stream: %s", run_id, e, exc_info=e)
             yield error_event(500, f"internal error; the server log has the details under run_id {run_id}", None)
             return
+        record_job(rec, head["model"], job, n_prompt, result)
         for i, c in enumerate(result.completions):
             yield chunk(i, finish=_FINISH.get(c.finish_reason, "stop"))
         if req.include_usage:
