@@ -47,7 +47,8 @@ class RuntimeInfo:
 
 class Runtime:
     def __init__(self, model: LlamaModel, model_id: str, template: ChatTemplate | None, n_parallel: int, n_cache: int,
-                 queue_size: int, load_seconds: float, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 queue_size: int, load_seconds: float, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 compute_lock: threading.Lock | None = None):
         self.model = model
         self.template = template
         self.chat = template is not None
@@ -57,7 +58,8 @@ class Runtime:
         self._lock = threading.Condition()
         self._tokenizing = 0
         self._closed = False
-        self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size, prefill_chunk=prefill_chunk,
+                                   compute_lock=compute_lock)
         self.info = RuntimeInfo(
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
@@ -213,6 +215,7 @@ def load(
     n_batch: int = 512,
     use_mmap: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    compute_lock: threading.Lock | None = None,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
 
@@ -229,7 +232,8 @@ def load(
     model = LlamaModel(path, config)
     try:
         template = _chat_template(model, chat, chat_template)
-        rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, time.monotonic() - t0, prefill_chunk)
+        rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, time.monotonic() - t0, prefill_chunk,
+                     compute_lock)
     except BaseException:
         model.close()
         raise

@@ -188,6 +188,8 @@ def _check(node: Any, path: str, depth: int, defs: dict[str, Any]) -> dict:
             raise _bad(path, "properties must be an object")
         clean = {}
         for name, s in props.items():
+            if not name:  # the converter names a property's rule after it, and "" is its root rule
+                raise _bad(path, "an empty property name is not supported")
             _check_literal_text(name, f"{path}/properties")
             clean[name] = _check(s, f"{path}/properties/{name}", sub, defs)
         if "properties" in out:
@@ -231,7 +233,11 @@ def _check(node: Any, path: str, depth: int, defs: dict[str, Any]) -> dict:
             raise _bad(path, "pattern must be a string anchored with ^ and $")
         if "[^" in p:
             raise _bad(path, "negated character classes ([^...]) are not supported in pattern")
-        _check_literal_text(p.replace("\\", ""), f"{path}/pattern")  # escapes stay escapes
+        if "\\" in p:
+            # The converter copies escapes into the grammar as they are: \x22 becomes a bare quote
+            # inside the JSON string, \n a raw newline, \d a rule llama.cpp cannot parse.
+            raise _bad(path, "escapes (\\...) are not supported in pattern; spell characters out, or use [0-9] for \\d")
+        _check_literal_text(p, f"{path}/pattern")
         return out
     if t in (None, "string") and "format" in out:
         only("type", "format")

@@ -43,7 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import KVCacheFull, QueueFull, ShuttingDown, WorkerDied
+from .errors import InvalidParameter, KVCacheFull, QueueFull, ShuttingDown, WorkerDied
 from .model import MAX_SEED, LlamaModel, Sampler
 from .params import Completion, GenerationParams, Result
 
@@ -122,7 +122,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, model: LlamaModel, n_parallel: int, n_cache: int, queue_size: int, min_cached_prompt: int = 32,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compute_lock: threading.Lock | None = None):
         assert n_parallel + n_cache <= model.config.n_seq_max
         assert n_parallel < model.config.n_batch, "a decode step must fit every running sequence plus a prompt chunk"
         self.model = model
@@ -130,6 +130,10 @@ class Scheduler:
         self.capacity = n_parallel + queue_size  # requests admitted at once (running or waiting)
         self.min_cached_prompt = min_cached_prompt  # shorter prompts are not worth a cache slot
         self.prefill_chunk = max(1, prefill_chunk)
+        # Held around each llama_decode. Several models in one process share one, so that only one
+        # decodes at a time: ggml's threads spin while they work, and two models decoding on the
+        # same cores at once slow each other down for no gain in total throughput.
+        self.compute_lock = compute_lock or threading.Lock()
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, waiting for room
         self._free_ids = list(range(n_parallel))
@@ -393,7 +397,8 @@ class Scheduler:
             if not entries:
                 return
             try:
-                self.model.decode(entries)
+                with self.compute_lock:
+                    self.model.decode(entries)
                 break
             except KVCacheFull as e:
                 # Back-pressure, in order of least harm: drop a cached prompt, put the prompt being
@@ -462,14 +467,21 @@ class Scheduler:
         p = s.job.params
         if s.job.first_token_at is None:
             s.job.first_token_at = time.monotonic()
-        if self.model.is_eog(token):
+        if s.sampler.grammar_dead_end:
+            # The grammar allowed no token: the text is an unfinished prefix of what was asked for.
+            # That is the request's failure, not an ordinary end ("stop" would claim it is complete).
+            s.job.error = InvalidParameter("response_format", "generation reached a point where the grammar (from "
+                                           "response_format) allows no token; the schema cannot be completed")
+            s.finish = "eos"
+        elif self.model.is_eog(token):
             s.finish = "eos"
         else:
             s.n_generated += 1
             self.stats["tokens_generated"] += 1
+            before = len(s.text)
             s.text += s.decoder.decode(self.model.piece(token))
             s.next_token = token
-            hit = self._find_stop(s)
+            hit = self._find_stop(s, before)
             if hit >= 0:
                 s.text = s.text[:hit]
                 s.finish = "stop"
@@ -480,13 +492,14 @@ class Scheduler:
         self._emit(s)
 
     @staticmethod
-    def _find_stop(s: _Seq) -> int:
+    def _find_stop(s: _Seq, before: int) -> int:
+        """The first stop string that the text added since `before` completes (or -1). A match
+        that ends in the new text starts at most len(stop) - 1 characters before it, however
+        long the new token's text is (a single token can be 20+ spaces)."""
         stops = s.job.params.stop
         if not stops:
             return -1
-        # Only the tail can hold a new match: the last token added at most one piece.
-        window = max(len(x) for x in stops) + 16
-        lo = max(0, len(s.text) - window)
+        lo = max(0, before - max(len(x) for x in stops) + 1)
         hits = [i for i in (s.text.find(x, lo) for x in stops) if i >= 0]
         return min(hits) if hits else -1
 

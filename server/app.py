@@ -18,15 +18,17 @@ import uuid
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from runtime.errors import InvalidParameter, LlamaboxError, QueueFull
+from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound, QueueFull
 from runtime.engine import Runtime
 from runtime.params import Result
 
 from .metrics import Metrics, RequestRecord
+from .pool import Entry, ModelPool
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,19 @@ class ApiError(Exception):
 class AppState:
     """What the app hangs off app.extensions['llamabox']."""
     settings: Settings
-    runtime: Runtime | None = None      # None while the model is loading
-    load_error: str | None = None       # set when loading failed
+    pool: ModelPool                     # the models; the first is the default (POST /predict)
     draining: bool = False              # shutting down: finish what is in flight, take nothing new
     started: float = field(default_factory=time.monotonic)
     metrics: "Metrics | None" = None
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """The default model's runtime, when it is loaded."""
+        return self.pool.default().runtime
+
+    @property
+    def load_error(self) -> str | None:
+        return self.pool.default().error
 
 
 def state() -> AppState:
@@ -126,13 +136,14 @@ def check_auth() -> None:
         raise ApiError(401, "invalid API key in the Authorization header", {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
 
-def current_runtime() -> Runtime:
-    st = state()
-    if st.runtime is None:
-        if st.load_error:
-            raise ApiError(503, f"the model failed to load: {st.load_error}", code="model_load_failed")
-        raise ApiError(503, "the model is still loading; retry shortly", {"Retry-After": "5"}, code="model_loading")
-    return st.runtime
+def acquire(model_id: str | None = None) -> Runtime:
+    """The runtime of model_id (None: the default model), loading it if needed; the lease is given
+    back when the request's context closes (after the last byte of a stream).
+    Raises ModelNotFound (404), ModelUnavailable (503)."""
+    rt = state().pool.acquire(model_id)
+    g.setdefault("leases", []).append(rt.info.model_id)
+    g.rec.model = rt.info.model_id
+    return rt
 
 
 def json_body() -> bytes:
@@ -167,18 +178,23 @@ def wait_for(job) -> Result:
 
 # --- the app ---------------------------------------------------------------------------
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
-    """The app. Pass runtime=None to serve /health (503) while a model loads; then call set_runtime()."""
+def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPool | None = None) -> Flask:
+    """The app, serving a pool of models, or one runtime. Pass neither to serve /health (503) while
+    a single model loads elsewhere; then call set_runtime()."""
     from .predict import bp as predict_bp
     from .v1 import bp as v1_bp
 
     app = Flask("llamabox")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    st = AppState(settings, runtime)
-    st.metrics = Metrics(lambda: [st.runtime] if st.runtime is not None else [], settings.log_format)
-    if runtime is not None:
-        st.metrics.model_loaded(runtime.info.model_id, runtime.info.load_seconds)
+    if pool is None:
+        pool = ModelPool.single(runtime) if runtime is not None else _placeholder_pool()
+    st = AppState(settings, pool)
+    st.metrics = Metrics(lambda: st.pool.loaded_runtimes(), settings.log_format)
+    pool.on_load, pool.on_unload = st.metrics.model_loaded, st.metrics.model_unloaded
+    for e in pool.entries.values():
+        if e.runtime is not None:
+            st.metrics.model_loaded(e.model_id, e.load_seconds)
     app.extensions["llamabox"] = st
     app.register_blueprint(predict_bp)
     app.register_blueprint(v1_bp)
@@ -204,12 +220,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
             resp.call_on_close(lambda: metrics.finish(rec))  # after the last byte of a stream too
         return resp
 
+    @app.teardown_request
+    def _give_back(_exc):
+        # Runs when the request context closes: for a stream, after its last event.
+        for model_id in g.pop("leases", []):
+            state().pool.release(model_id)
+
     @app.get("/livez")
     def livez():
-        # Liveness: the process answers and the generation worker lives. A dead worker never
-        # comes back, so the right move for an orchestrator is a restart.
-        rt = state().runtime
-        if rt is not None and rt.scheduler.dead is not None:
+        # Liveness: the process answers and its threads live. A dead worker never comes back,
+        # so the right move for an orchestrator is a restart.
+        if not state().pool.alive:
             return jsonify({"status": "worker stopped"}), 503
         return jsonify({"status": "ok"})
 
@@ -226,9 +247,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
         st = state()
         if st.draining:
             return jsonify({"status": "draining"}), 503
-        if st.runtime is None:
-            return jsonify({"status": "failed" if st.load_error else "loading"}), 503
-        if not st.runtime.ready:
+        default = st.pool.default()
+        if default.state != "loaded":
+            return jsonify({"status": "failed" if default.state == "failed" else "loading"}), 503
+        if not st.pool.alive or not default.runtime.ready:
             return jsonify({"status": "unavailable"}), 503
         return jsonify({"status": "ok"})
 
@@ -239,6 +261,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     @app.errorhandler(InvalidParameter)
     def _invalid(e: InvalidParameter):
         return error_response(400, str(e), param=e.field)
+
+    @app.errorhandler(ModelNotFound)
+    def _no_model(e: ModelNotFound):
+        return error_response(404, str(e), param="model", code="model_not_found")
 
     @app.errorhandler(QueueFull)
     def _full(e: QueueFull):
@@ -277,8 +303,17 @@ def make_server(app: Flask, settings: Settings):
     )
 
 
+def _placeholder_pool() -> ModelPool:
+    e = Entry("", Path("."), pinned=True, state="loading")
+    return ModelPool([e], None, 1 << 62)
+
+
 def set_runtime(app: Flask, runtime: Runtime | None, load_error: str | None = None) -> None:
+    """Fill a single-model app whose model was loading (see create_app)."""
     st: AppState = app.extensions["llamabox"]
-    st.runtime, st.load_error = runtime, load_error
     if runtime is not None:
+        st.pool = ModelPool.single(runtime)
+        st.pool.on_load, st.pool.on_unload = st.metrics.model_loaded, st.metrics.model_unloaded
         st.metrics.model_loaded(runtime.info.model_id, runtime.info.load_seconds)
+    else:
+        st.pool.set_loaded(st.pool.default_id, None, load_error)

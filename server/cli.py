@@ -48,6 +48,7 @@ class ResolvedModel(NamedTuple):
     model_id: str
     demo: bool
     chat: bool | None  # the store manifest's verdict (False: a base model even if its GGUF has a template); None: the GGUF decides
+    quant: str = ""    # the store's quant name; "" for a plain .gguf path
 
 
 def resolve_model(ref: str | None, store) -> ResolvedModel:
@@ -64,10 +65,10 @@ def resolve_model(ref: str | None, store) -> ResolvedModel:
     mf = store.resolve(ref)
     # A store file must still be the one its manifest describes: size every time, sha256 when it changed.
     store.check_before_load(mf)
-    return ResolvedModel(mf.path, mf.model_id, mf.model_id == DEMO_ID, mf.chat)
+    return ResolvedModel(mf.path, mf.model_id, mf.model_id == DEMO_ID, mf.chat, mf.quant)
 
 
-def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None):
+def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None, compute_lock=None):
     """chat: resolve_model's verdict; --no-chat and --chat-template (settings) override it."""
     from runtime import load
 
@@ -83,7 +84,7 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
                                                     f"{getattr(e, 'strerror', None) or e}") from None
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
-                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template)
+                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute_lock=compute_lock)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -102,17 +103,68 @@ def _raise_open_file_limit(want: int) -> None:
         log.warning("the open-file limit (%d) is below what --max-connections needs (%d)", target, want)
 
 
+_SIZE = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
+         "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
+_DURATION = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_size(field: str, text: str) -> int:
+    """'12GiB', '12G' (decimal), '500MiB', '8000000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE or float(m.group(1)) <= 0:
+        raise InvalidParameter(field, f"must be a size such as 12GiB, 500MiB or 8GB, got {text!r}")
+    return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
+
+
+def parse_duration(field: str, text: str) -> float:
+    """'5m', '30s', '1h', '90' (seconds) -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise InvalidParameter(field, f"must be a duration such as 30s, 5m or 1h, got {text!r}")
+    return float(m.group(1)) * _DURATION[m.group(2)]
+
+
+def _pool_entries(refs: list[str], settings: Settings, store):
+    """One pool entry per --model, resolved (and checked) now: an unknown id or a missing file
+    stops the server before it starts, with one line."""
+    from server.pool import Entry, estimate_cost
+
+    entries, seen = [], {}
+    for ref in refs:
+        r = resolve_model(ref, store)
+        if r.model_id in seen:
+            raise InvalidParameter("model", f"{ref!r} and {seen[r.model_id]!r} are both served as {r.model_id!r}; serve each once")
+        seen[r.model_id] = ref
+        entries.append(Entry(r.model_id, r.path, chat=r.chat, quant=r.quant, file_bytes=r.path.stat().st_size,
+                             estimate_bytes=estimate_cost(r.path, settings.n_ctx)))
+    return entries
+
+
 def cmd_serve(args) -> int:
     from convert.store import Store
-    from server.app import create_app, make_server, set_runtime
+    from server.app import create_app, make_server
+    from server.pool import DEFAULT_BUDGET_SHARE, GiB, ModelPool, available_memory
 
+    store = Store()
+    refs = list(args.model or [])
+    if args.all:
+        refs += [f.model_id for f in store.list() if f.model_id not in refs]
+        refs = list(dict.fromkeys(refs))
+    refs = refs or [DEMO_ID]
     settings = Settings(
-        model=args.model, host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
+        models=tuple(refs), host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
         insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
         drain_timeout_s=args.drain_timeout, metrics_public=args.metrics_public, log_format=args.log_format,
+        max_memory_bytes=parse_size("max_memory", args.max_memory) if args.max_memory else 0,
+        keep_alive_s=parse_duration("keep_alive", args.keep_alive) if args.keep_alive else None,
+        preload=tuple(x for p in (args.preload or []) for x in p.split(",") if x),
     )
     settings.check()
     if settings.log_format == "json":  # one JSON object per access-log line, nothing around it
@@ -121,33 +173,51 @@ def cmd_serve(args) -> int:
         access = logging.getLogger("llamabox.access")
         access.addHandler(handler)
         access.propagate = False
-    path, model_id, demo, chat = resolve_model(settings.model, Store())
+    entries = _pool_entries(refs, settings, store)
+    ids = [e.model_id for e in entries]
+    for p in settings.preload:
+        if p not in ids:
+            raise InvalidParameter("preload", f"{p!r} is not one of the served models ({', '.join(ids)})")
+    budget = settings.max_memory_bytes or int(available_memory() * DEFAULT_BUDGET_SHARE)
+    compute_lock = threading.Lock()  # one llama_decode at a time across models (server/pool.py says why)
+    for e in entries:
+        e.pinned = e.model_id == ids[0] or e.model_id in settings.preload
+        if e.estimate_bytes > budget:
+            log.warning("%s needs about %.1f GiB, more than the memory budget (%.1f GiB): it will not load",
+                        e.model_id, e.estimate_bytes / GiB, budget / GiB)
+    pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute_lock), budget,
+                     settings.keep_alive_s)
     _raise_open_file_limit(settings.max_connections + 64)
-    app = create_app(settings)
+    app = create_app(settings, pool=pool)
     server = make_server(app, settings)
     failed: list[str] = []
+    default = entries[0]
 
     def load_in_background():
-        # The loader's owner is the serve loop below: on failure it records why and stops the
-        # loop, which then prints the reason and exits non-zero. (Interrupting the main thread
-        # instead raced with its start-up and printed "interrupted".)
+        # The loader's owner is the serve loop below: if the default model fails, it records why
+        # and stops the loop, which then prints the reason and exits non-zero. Other models that
+        # fail stay failed, with their own 503s; the rest keep serving.
         try:
-            set_runtime(app, _load_runtime(path, model_id, settings, chat))
-            rt = app.extensions["llamabox"].runtime
-            print(f"llamabox: {model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
+            pool.preload([ids[0]] + [m for m in settings.preload if m != ids[0]])
+            if default.state != "loaded":
+                raise LlamaboxError(default.error or "unknown error")
+            rt = default.runtime
+            print(f"llamabox: {default.model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
         except BaseException as e:  # any failure, not only ours: /health must not say "loading" forever
             msg = str(e) if isinstance(e, LlamaboxError) else f"{type(e).__name__}: {e}"
             if not isinstance(e, LlamaboxError):
-                log.exception("loading %s failed", model_id)
+                log.exception("loading %s failed", default.model_id)
             failed.append(msg)
-            set_runtime(app, None, msg)
-            server.request_stop()  # a server that cannot load its model is no server
+            server.request_stop()  # a server that cannot load its default model is no server
 
     url = f"http://{settings.host}:{server.effective_port}"
-    print(f"llamabox: serving {model_id} from {path}", file=sys.stderr)
-    print(f"llamabox: POST {url}/predict  (or {url}/{model_id}-webhook/predict)", file=sys.stderr)
-    if demo:
+    for e in entries:
+        print(f"llamabox: serving {e.model_id} from {e.path}", file=sys.stderr)
+    print(f"llamabox: POST {url}/predict  (or {url}/{ids[0]}-webhook/predict)", file=sys.stderr)
+    if len(entries) > 1:
+        print(f"llamabox: memory budget {budget / GiB:.1f} GiB for {len(entries)} models, loaded on demand", file=sys.stderr)
+    if ids[0] == DEMO_ID:
         print(f"llamabox: {DEMO_ID} is a tiny demo model trained by llamabox, not Llama 2. Get Llama 2 with: {GET_LLAMA2}",
               file=sys.stderr)
     if not settings.api_keys:
@@ -168,36 +238,29 @@ def cmd_serve(args) -> int:
         st.draining = True
         server.begin_drain()
 
-    def idle() -> bool:
-        return st.runtime is None or st.runtime.scheduler.inflight == 0
-
     def cancel_rest() -> None:
-        if st.runtime is not None:
-            log.warning("drain timeout (%gs): cancelling %d requests still in flight", settings.drain_timeout_s,
-                        st.runtime.scheduler.inflight)
-            st.runtime.close()  # fails what is left with ShuttingDown: 503 + Retry-After
+        log.warning("drain timeout (%gs): cancelling %d requests still in flight", settings.drain_timeout_s, pool.inflight())
+        pool.close()  # fails what is left with ShuttingDown: 503 + Retry-After
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
     loader.start()
     try:
-        server.run(drain_timeout_s=settings.drain_timeout_s, idle=idle, cancel=cancel_rest)
+        server.run(drain_timeout_s=settings.drain_timeout_s, idle=lambda: pool.inflight() == 0, cancel=cancel_rest)
         if signals:
             name = signal.Signals(signals[0]).name
-            busy = st.runtime.scheduler.inflight if st.runtime is not None else 0
+            busy = pool.inflight()
             if busy:
                 log.warning("%s: exiting with %d requests unfinished", name, busy)
             else:
                 log.info("%s: drained; every request in flight finished", name)
     finally:
         loader.join() if not signals else None  # after a load failure, `failed` is complete before we read it
-        rt = app.extensions["llamabox"].runtime
-        if rt is not None:
-            rt.close()  # fails what still waits (503), so the request threads can finish
+        pool.close()  # fails what still waits (503), so the request threads can finish
         server.close()
     if failed:
-        return _die(f"could not load {model_id}: {failed[0]}")
+        return _die(f"could not load {default.model_id}: {failed[0]}")
     return 0
 
 
@@ -216,7 +279,7 @@ def cmd_generate(args) -> int:
     settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
                         chat_template=args.chat_template, no_chat=args.no_chat)
     settings.check()
-    path, model_id, _, chat = resolve_model(args.model, Store())
+    path, model_id, _, chat, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
     rt = _load_runtime(path, model_id, settings, chat)
     try:
@@ -250,7 +313,7 @@ def cmd_chat(args) -> int:
     temperature = as_float("temperature", args.temperature, 0.0, 5.0)
     max_tokens = as_int("max_tokens", args.max_tokens, 1, 1_000_000)
     seed = None if args.seed is None else as_int("seed", args.seed, 0, 0xFFFFFFFE)
-    path, model_id, _, chat = resolve_model(args.model, Store())
+    path, model_id, _, chat, _ = resolve_model(args.model, Store())
     if settings.no_chat or (chat is False and not settings.chat_template):
         return _die(f"{model_id} is used as a base model; chat needs a chat model (or --chat-template FILE)")
     rt = _load_runtime(path, model_id, settings, chat)
@@ -399,8 +462,13 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
+def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        p.add_argument("--model", action="append",
+                       help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; repeat it to serve several "
+                            "models (the first is the default); default: the built-in demo")
+    else:
+        p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1 = all; needs a GPU build)")
     p.add_argument("--mmap", action="store_true",
@@ -421,7 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("serve", help="serve the predict API")
-    _add_model_flags(p)
+    _add_model_flags(p, many=True)
+    p.add_argument("--all", action="store_true", help="serve every model in the store too")
+    p.add_argument("--max-memory", help="memory budget for loaded models, e.g. 12GiB (default: 80%% of the RAM available at start)")
+    p.add_argument("--keep-alive", help="unload a model idle this long, e.g. 5m (default: never; the first model and "
+                                        "--preload ones stay)")
+    p.add_argument("--preload", action="append", help="load these models at start (comma-separated or repeated)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key-file", help="file with one API key per line (also: LLAMABOX_API_KEY)")

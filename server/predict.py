@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, g, jsonify
 
-from .app import ApiError, check_auth, current_runtime, envelope, json_body, wait_for
+from .app import ApiError, acquire, check_auth, envelope, json_body, state, wait_for
 from .metrics import record_job
 from .validation import Limits, parse_json, parse_predict
 
@@ -14,11 +14,11 @@ bp = Blueprint("predict", __name__)
 
 def _predict(model_id: str | None):
     check_auth()
-    rt = current_runtime()
-    g.rec.model = rt.info.model_id
-    if model_id is not None and model_id != rt.info.model_id:
-        raise ApiError(404, f"unknown model {model_id!r}: this server serves {rt.info.model_id!r} (POST /{rt.info.model_id}-webhook/predict)")
+    if model_id is not None and model_id not in state().pool.entries:
+        served = ", ".join(f"/{m}-webhook/predict" for m in state().pool.entries)
+        raise ApiError(404, f"unknown model {model_id!r}: this server serves {served}")
     body = json_body()
+    rt = acquire(model_id)
     prompt, params = parse_predict(parse_json(body), Limits(max_new_tokens=rt.info.n_ctx, max_sequences=rt.info.n_parallel))
     job = rt.submit(prompt, params)
     result = wait_for(job)
@@ -40,9 +40,6 @@ def predict_webhook(hook: str):
 
 @bp.get("/models")
 def models():
+    """Every model, loaded or not: state, quant, file size, memory when loaded."""
     check_auth()
-    i = current_runtime().info
-    return jsonify({"data": [{
-        "id": i.model_id, "chat": i.chat, "backend": i.backend, "n_ctx": i.n_ctx,
-        "n_parallel": i.n_parallel, "endpoint": f"/{i.model_id}-webhook/predict",
-    }]})
+    return jsonify({"data": state().pool.describe()})

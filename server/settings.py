@@ -12,7 +12,11 @@ from runtime.errors import InvalidParameter
 
 @dataclass(frozen=True)
 class Settings:
-    model: str | None = None          # store id ("llamav2-7b-chat", "llamav2-7b-chat:q8_0") or GGUF path; None = llamabox-tiny
+    models: tuple[str, ...] = ()      # store ids ("llamav2-7b-chat", "llamav2-7b-chat:q8_0") or GGUF paths; the first is
+                                      # the default; () = llamabox-tiny
+    max_memory_bytes: int = 0         # budget for loaded models; 0 = 80% of MemAvailable at start (server/pool.py)
+    keep_alive_s: float | None = None  # unload a model idle this long (never the default or --preload ones); None = never
+    preload: tuple[str, ...] = ()     # model ids loaded at start besides the default
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: tuple[str, ...] = ()    # accepted Authorization keys; empty = no auth (loopback only)

@@ -21,13 +21,13 @@ from typing import Iterator
 
 from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
-from runtime.errors import LlamaboxError, QueueFull
+from runtime.errors import InvalidParameter, LlamaboxError, QueueFull
 from runtime.params import Result
 
-from .app import POLL_S, ApiError, check_auth, current_runtime, json_body, openai_error_dict, state, wait_for
+from .app import POLL_S, ApiError, acquire, check_auth, json_body, openai_error_dict, state, wait_for
 from .metrics import record_job
 from .v1_schema import V1Request, fill_max_length, parse_chat, parse_completion
-from .validation import Limits, parse_json
+from .validation import Limits, as_str, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,21 @@ def _limits(rt) -> Limits:
     return Limits(max_new_tokens=rt.info.n_ctx, max_sequences=rt.info.n_parallel)
 
 
-def _check_model(rt, name: str) -> None:
-    if name != rt.info.model_id:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {rt.info.model_id!r} (GET /v1/models)",
+def _model_of(data) -> str:
+    """The body's model id, checked before anything else: the model decides the limits."""
+    if not isinstance(data, dict):
+        raise InvalidParameter("body", f"must be a JSON object, got {type(data).__name__}")
+    if "model" not in data:
+        raise InvalidParameter("model", "is required (GET /v1/models lists the ids)")
+    name = as_str("model", data["model"], 200)
+    _check_model(name)
+    return name
+
+
+def _check_model(name: str) -> None:
+    pool = state().pool
+    if name not in pool.entries:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(pool.entries)} (GET /v1/models)",
                        param="model", code="model_not_found")
 
 
@@ -55,18 +67,18 @@ def _usage(n_prompt: int, result: Result) -> dict:
 @bp.get("/models")
 def models():
     check_auth()
-    i = current_runtime().info
     created = int(time.time() - (time.monotonic() - state().started))
-    return jsonify({"object": "list", "data": [{"id": i.model_id, "object": "model", "created": created, "owned_by": "llamabox"}]})
+    return jsonify({"object": "list", "data": [
+        {"id": d["id"], "object": "model", "created": created, "owned_by": "llamabox", "state": d["state"]}
+        for d in state().pool.describe()]})
 
 
 @bp.post("/chat/completions")
 def chat_completions():
     check_auth()
-    rt = current_runtime()
-    g.rec.model = rt.info.model_id
-    req = parse_chat(parse_json(json_body()), _limits(rt))
-    _check_model(rt, req.model)
+    data = parse_json(json_body())
+    rt = acquire(_model_of(data))
+    req = parse_chat(data, _limits(rt))
     tokens = rt.chat_tokens(list(req.messages))
     return _run(rt, req, tokens, "messages", chat=True)
 
@@ -74,12 +86,25 @@ def chat_completions():
 @bp.post("/completions")
 def completions():
     check_auth()
-    rt = current_runtime()
-    g.rec.model = rt.info.model_id
-    req = parse_completion(parse_json(json_body()), _limits(rt))
-    _check_model(rt, req.model)
+    data = parse_json(json_body())
+    rt = acquire(_model_of(data))
+    req = parse_completion(data, _limits(rt))
     tokens = rt.raw_tokens(req.prompt)
     return _run(rt, req, tokens, "prompt", chat=False)
+
+
+# The runtime names predict's fields; a /v1 client should read its own.
+_V1_NAMES = {"max_length": "max_tokens", "num_return_sequences": "n"}
+
+
+def _submit(rt, tokens: list[int], params, field: str, on_text=None):
+    try:
+        return rt.submit_tokens(tokens, params, on_text=on_text)
+    except InvalidParameter as e:
+        msg = e.message
+        for ours, theirs in _V1_NAMES.items():
+            msg = msg.replace(ours, theirs)
+        raise type(e)(_V1_NAMES.get(e.field, field if e.field == "prompt" else e.field), msg) from None
 
 
 def _run(rt, req: V1Request, tokens: list[int], field: str, chat: bool):
@@ -89,7 +114,7 @@ def _run(rt, req: V1Request, tokens: list[int], field: str, chat: bool):
             "model": rt.info.model_id}
     if req.stream:
         deltas: queue.SimpleQueue = queue.SimpleQueue()
-        job = rt.submit_tokens(tokens, params, on_text=lambda i, text: deltas.put((i, text)))
+        job = _submit(rt, tokens, params, field, on_text=lambda i, text: deltas.put((i, text)))
         job.future.add_done_callback(lambda _f: deltas.put(_DONE))
         g.rec.stream = True
         stream = _stream(job, deltas, {**head, "object": kind + ".chunk" if chat else kind}, len(tokens), req, chat)
@@ -97,7 +122,7 @@ def _run(rt, req: V1Request, tokens: list[int], field: str, chat: bool):
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return resp
-    job = rt.submit_tokens(tokens, params)
+    job = _submit(rt, tokens, params, field)
     result = wait_for(job)
     record_job(g.rec, rt.info.model_id, job, len(tokens), result)
     if chat:

@@ -51,7 +51,10 @@ class _EnvelopeErrorTask(ErrorTask):
 
     def execute(self):
         e = self.request.error
-        content_type, body = self.channel.server.llamabox_error_body(e.code, f"{e.reason}: {e.body}", self.request.path)
+        # A request whose first line did not parse has no path (nor other attributes): then the
+        # envelope cannot follow the route, and predict's is used.
+        path = getattr(self.request, "path", None)
+        content_type, body = self.channel.server.llamabox_error_body(e.code, f"{e.reason}: {e.body}", path)
         self.status = f"{e.code} {e.reason}"
         self.response_headers.append(("Content-Type", content_type))
         self.set_close_on_finish()

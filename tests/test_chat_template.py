@@ -274,7 +274,7 @@ def test_cli_chat_flags(tmp_path, gguf_files):
 
     f = tmp_path / "chatml.jinja"
     f.write_text(CHATML_CHAT_TEMPLATE)
-    path, model_id, _, chat = resolve_model(str(gguf_files["q8_0"]), None)  # a GGUF path: the GGUF decides
+    path, model_id, _, chat, _ = resolve_model(str(gguf_files["q8_0"]), None)  # a GGUF path: the GGUF decides
     assert chat is None
     rt = _load_runtime(path, model_id, Settings(threads=2, n_ctx=256, n_parallel=1, chat_template=str(f)), chat)
     try:
@@ -311,7 +311,7 @@ def test_store_base_model_with_a_template_serves_as_base(tiny_hf, tmp_path):
     assert store.manifest("llamav2-7b")["chat"] is False and store.manifest("my-chat")["chat"] is True
     settings = Settings(threads=2, n_ctx=256, n_parallel=1)
 
-    path, model_id, _, chat = resolve_model("llamav2-7b", store)
+    path, model_id, _, chat, _ = resolve_model("llamav2-7b", store)
     assert chat is False
     rt = _load_runtime(path, model_id, settings, chat)
     try:

@@ -244,9 +244,11 @@ def test_unparseable_grammar_is_invalid_parameter(grt, bad):
 def test_a_dead_end_grammar_ends_the_sequence_instead_of_aborting(grt):
     """No token spells NUL (llama.cpp refuses empty and NUL-led pieces): the grammar allows nothing
     after "ab". Unguarded, llama.cpp would pick a forbidden token and abort the process."""
-    for t in (0.0, 1.0):
-        c = grt.generate("x", GenerationParams(max_length=16, temperature=t, seed=1, grammar='root ::= "ab" [\\x00]')).completions[0]
-        assert c.text == "ab" and c.finish_reason == "eos"
+    for t in (0.0, 1.0):  # the process lives, and the request fails as what it is: an unfinishable grammar
+        with pytest.raises(InvalidParameter) as e:
+            grt.generate("x", GenerationParams(max_length=16, temperature=t, seed=1, grammar='root ::= "ab" [\\x00]'))
+        assert e.value.field == "response_format"
+    assert grt.generate("x", GenerationParams(max_length=4, temperature=0.0)).completions[0].generated_tokens > 0
     s = Sampler(grt.model, GenerationParams(temperature=0.0, grammar="root ::= [\\x00]"), 1, [])
     try:
         assert pick(s, grt.model, {}) == llama_cpp.llama_vocab_eos(grt.model._vocab)
@@ -405,9 +407,11 @@ def test_schema_size_and_depth_are_bounded():
 
 
 def test_a_pattern_llama_cpp_cannot_parse_is_caught_before_generation(grt):
-    g = schema_to_grammar({"type": "string", "pattern": "^\\d+$"})  # the converter passes \d through
+    # The converter passes \d through, and llama.cpp cannot parse it: refused before any grammar is made.
     with pytest.raises(InvalidParameter):
-        check_grammar(grt.model, g)
+        schema_to_grammar({"type": "string", "pattern": "^\\d+$"})
+    with pytest.raises(InvalidParameter):  # and a hand-made grammar with the same rule, at the sampler
+        check_grammar(grt.model, 'root ::= "\\"" \\d+ "\\""')
 
 
 def test_string_rule_refuses_raw_control_characters():
@@ -424,3 +428,23 @@ def test_a_grammar_llama_cpp_cannot_parse_is_refused_at_submit(runtime):
         runtime.submit("Hi", GenerationParams(max_length=5, grammar='root ::= "a" [unterminated'))
     assert e.value.field == "response_format"
     assert other.future.result(30).completions[0].generated_tokens > 0
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "^\\x22$"},        # an escaped quote: became a bare " inside the JSON string
+    {"type": "string", "pattern": "^\\n$"},          # a raw newline inside a JSON string
+    {"type": "object", "properties": {"": {"type": "null"}}, "required": [""]},  # "" took over the root rule
+])
+def test_schemas_the_converter_gets_wrong_are_refused(schema):
+    with pytest.raises(InvalidParameter) as e:
+        schema_to_grammar(schema)
+    assert e.value.field == "response_format"
+
+
+def test_a_grammar_dead_end_fails_the_request_instead_of_calling_it_complete(runtime):
+    """A grammar that parses but can reach a point where no token is allowed: the request fails
+    with response_format named, rather than returning a cut prefix as finish_reason stop."""
+    job = runtime.submit("Hi", GenerationParams(max_length=20, temperature=0.0, grammar='root ::= "ab" [\\x00]'))
+    with pytest.raises(InvalidParameter) as e:
+        job.future.result(30)
+    assert e.value.field == "response_format"

@@ -86,7 +86,7 @@ def test_counters_match_a_known_workload_exactly(server, chat_runtime):
     assert value(m, "llamabox_requests_total", model=MODEL, endpoint="/predict", status="400") == 1
     assert value(m, "llamabox_requests_total", model="-", endpoint="/predict", status="401") == 1
     assert value(m, "llamabox_requests_total", model=MODEL, endpoint="/v1/chat/completions", status="200") == 3
-    assert value(m, "llamabox_requests_total", model=MODEL, endpoint="/v1/chat/completions", status="404") == 1
+    assert value(m, "llamabox_requests_total", model="-", endpoint="/v1/chat/completions", status="404") == 1  # never a label per unknown name
     assert sum(v for (name, _), v in m.items() if name == "llamabox_requests_total") == 9  # probes and scrapes not counted
     assert value(m, "llamabox_prompt_tokens_total", model=MODEL) == want_prompt
     assert value(m, "llamabox_generated_tokens_total", model=MODEL) == want_gen

@@ -254,3 +254,9 @@ def test_disconnect_mid_stream_cancels_and_frees_the_sequences(live_server, chat
         time.sleep(0.01)
     assert sorted(sched._free_ids) == list(range(sched.n_parallel)) and sched._reserved == 0
     assert sdk(live_server).completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices  # still serving
+
+
+def test_context_errors_name_openai_fields(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=500, n=2)
+    assert e.value.body["param"] == "max_tokens" and "max_length" not in e.value.body["message"]

@@ -209,12 +209,15 @@ def test_a_prompt_being_evaluated_can_be_cancelled_between_chunks(fresh):
 
 def test_admission_capacity_is_exactly_parallel_plus_queue(fresh):
     rt = fresh(n_parallel=4, queue_size=16, n_ctx=2048)
+    gate = threading.Event()  # the first token's callback holds the worker: nothing can finish meanwhile
     accepted, refused = [], 0
     for _ in range(30):
         try:
-            accepted.append(rt.submit("Hello", GenerationParams(max_length=400, temperature=0.0)))
+            accepted.append(rt.submit("Hello", GenerationParams(max_length=400, temperature=0.0),
+                                      on_text=lambda _i, _t: gate.wait(30)))
         except QueueFull:
             refused += 1
+    gate.set()
     assert (len(accepted), refused) == (20, 10)
     for j in accepted:
         j.cancel()
@@ -245,3 +248,16 @@ def test_tokenizing_does_not_hold_the_runtime_lock(runtime, monkeypatch):
     [t.start() for t in ts]
     [t.join() for t in ts]
     assert not errors and len(out) == 2 and out[0] == out[1]
+
+
+def test_a_stop_string_inside_a_long_token_is_found():
+    """A single token's text can be 20+ characters (runs of spaces); the search used to look only
+    at the last len(stop) + 16 characters, so a stop string early in such a token was missed."""
+    from types import SimpleNamespace
+
+    from runtime.scheduler import Scheduler
+
+    seq = SimpleNamespace(job=SimpleNamespace(params=GenerationParams(stop=("\n",))), text="x8 = 8")
+    before = len(seq.text)
+    seq.text += "\n" + " " * 24 + "x9"  # one token's text
+    assert Scheduler._find_stop(seq, before) == before

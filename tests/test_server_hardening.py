@@ -245,3 +245,19 @@ def test_serve_prints_why_a_malformed_model_failed(tmp_path, gguf_files):
         assert proc.returncode == 1, (name, proc.returncode, proc.stderr)
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("llamabox: error: could not load") and "interrupted" not in last, (name, proc.stderr)
+
+
+@pytest.mark.parametrize("data", [b"GARBAGE\r\n\r\n", b"POST /predict HTTP/1.1\r\nBad Header\r\n\r\n",
+                                  b"GET /v1/\xff\xfe HTTP/1.1\r\n\r\n"])
+def test_an_unparseable_request_line_gets_a_400_and_the_connection_closes(live_server, data):
+    """Before: waitress's error task read a path the parser never set, failed, and left the
+    connection open with no answer, holding a connection slot for good."""
+    host, port = live_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        buf = b""
+        while chunk := s.recv(65536):  # the server closes after answering: recv ends
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400", buf[:200]
+    assert set(json.loads(body)) == ENVELOPE

@@ -1,0 +1,343 @@
+"""Several models in one server, loaded on demand within a memory budget.
+
+Each model is an Entry: unloaded -> loading -> loaded (or failed), and back to
+unloaded when it is evicted or idles past --keep-alive. Rules:
+  * A request takes a lease on its model (acquire) and gives it back when its
+    response closes (release), streams included. A model with a lease, or with
+    requests queued or running in its scheduler, is never unloaded.
+  * Concurrent requests for an unloaded model share one load; requests to models
+    already loaded are served meanwhile (loads run outside the pool's lock). Loads
+    run one at a time, so that each one's resident-memory delta is its own.
+  * Before a load, the model's cost is estimated from its GGUF (weights + KV cache +
+    compute buffers); after it, the measured RSS delta replaces the estimate. If the
+    budget would be exceeded, idle models are unloaded, least recently used first.
+    If nothing can be freed, the request gets a 503 saying what is loaded and what
+    the model needs.
+  * A model that fails to load stays failed (its file will not mend itself): its
+    requests get a 503 quoting the load error, and the other models keep serving.
+
+Threads: every model has its own scheduler worker, but they share one compute
+lock, so only one model runs a llama_decode at a time (see runtime/scheduler.py):
+ggml's threads spin while they work, and two models decoding at once on the same
+cores would slow both for no gain in total throughput (README "Several models").
+The keep-alive reaper is a thread this pool owns; if it dies, `alive` says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import LlamaboxError, ModelNotFound, QueueFull
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+class ModelUnavailable(QueueFull):
+    """The model cannot serve now: it failed to load, or there is no room to load it (503)."""
+
+
+@dataclass(eq=False)
+class Entry:
+    model_id: str
+    path: Path
+    chat: bool | None = None          # the store's verdict; None: the GGUF decides
+    quant: str = ""
+    file_bytes: int = 0
+    estimate_bytes: int = 0           # from the GGUF's shapes, before any load
+    measured_bytes: int | None = None  # RSS delta of the last load
+    pinned: bool = False              # the default model and --preload ones: never unloaded for idling
+    state: str = "unloaded"           # unloaded | loading | loaded | failed
+    runtime: object | None = None
+    error: str | None = None
+    users: int = 0                    # leases: requests holding this model until their response closes
+    last_used: float = 0.0
+    load_seconds: float = 0.0
+    done_loading: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cost(self) -> int:
+        return self.measured_bytes if self.measured_bytes is not None else self.estimate_bytes
+
+    def busy(self) -> bool:
+        rt = self.runtime
+        return self.users > 0 or (rt is not None and rt.scheduler.inflight > 0)
+
+
+def rss_bytes() -> int:
+    """This process's resident set (VmRSS), or 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); falls back to total physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
+
+
+def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512) -> int:
+    """Bytes a model will take once loaded: weights (the file), the F16 KV cache for n_ctx
+    cells, and compute buffers (logits and activations for one n_batch batch). Reads the
+    GGUF's metadata only. A file we cannot read costs its size (the load will say why)."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        r = gguf.GGUFReader(path, "r")
+        arch = str(bytes(r.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]), "utf-8")
+
+        def num(key: str) -> int:
+            f = r.fields[key.format(arch=arch)]
+            return int(f.parts[f.data[0]][0])
+
+        n_layer = num(gguf.Keys.LLM.BLOCK_COUNT)
+        n_embd = num(gguf.Keys.LLM.EMBEDDING_LENGTH)
+        n_head = num(gguf.Keys.Attention.HEAD_COUNT)
+        n_head_kv = num(gguf.Keys.Attention.HEAD_COUNT_KV) if gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch) in r.fields else n_head
+        n_ctx = n_ctx or min(num(gguf.Keys.LLM.CONTEXT_LENGTH), 4096)
+        tok = r.fields.get(gguf.Keys.Tokenizer.LIST)
+        n_vocab = len(tok.data) if tok is not None else 32000
+    except Exception as e:  # noqa: BLE001 - malformed metadata: the loader reports it properly
+        log.debug("cannot read %s's shapes (%s); estimating its file size", path.name, e)
+        return size
+    kv = 2 * n_layer * n_ctx * (n_embd // n_head) * n_head_kv * 2      # K and V, F16
+    # llama.cpp's CPU compute buffer for one n_batch batch, F32: activations (~16 vectors of
+    # n_embd per token), one layer's attention scores (n_batch x n_ctx per head), logits for a
+    # few outputs. An estimate: the load measures the real cost (RSS delta) and that replaces it.
+    compute = 4 * (n_batch * n_embd * 16 + n_batch * n_ctx * n_head + 16 * n_vocab)
+    return size + kv + compute
+
+
+class ModelPool:
+    def __init__(self, entries: list[Entry], loader: Callable[[Entry], object] | None, budget_bytes: int,
+                 keep_alive_s: float | None = None, on_load: Callable[[str, float], None] | None = None,
+                 on_unload: Callable[[str], None] | None = None, room_wait_s: float = 60.0):
+        if not entries:
+            raise ValueError("a pool needs at least one model")
+        self.entries = {e.model_id: e for e in entries}
+        self.default_id = entries[0].model_id
+        self.loader = loader
+        self.budget_bytes = budget_bytes
+        self.keep_alive_s = keep_alive_s
+        self.room_wait_s = room_wait_s      # how long a load may wait for a busy model to go idle before 503
+        self.on_load = on_load or (lambda _m, _s: None)
+        self.on_unload = on_unload or (lambda _m: None)
+        self._lock = threading.Condition()  # entries' states, leases, the budget; notified when one changes
+        self._load_lock = threading.Lock()  # one load at a time, so RSS deltas are per model
+        self._stop = threading.Event()
+        self.reaper_error: BaseException | None = None
+        self._reaper = None
+        if keep_alive_s:
+            self._reaper = threading.Thread(target=self._reap, name="llamabox-keep-alive", daemon=True)
+            self._reaper.start()
+
+    @classmethod
+    def single(cls, runtime, budget_bytes: int = 0) -> "ModelPool":
+        """One model that is already loaded (tests, and create_app(settings, runtime))."""
+        e = Entry(runtime.info.model_id, Path(runtime.info.path), pinned=True, state="loaded", runtime=runtime,
+                  load_seconds=runtime.info.load_seconds)
+        e.done_loading.set()
+        return cls([e], None, budget_bytes or 1 << 62)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def acquire(self, model_id: str | None) -> object:
+        """The loaded runtime of model_id (None: the default), with a lease; loads it if needed.
+        Raises ModelNotFound (404), ModelUnavailable (503)."""
+        model_id = model_id or self.default_id
+        deadline = time.monotonic() + self.room_wait_s
+        with self._lock:
+            e = self.entries.get(model_id)
+            if e is None:
+                raise ModelNotFound(f"unknown model {model_id!r}; this server serves {', '.join(self.entries)}")
+            while True:
+                if e.state == "loaded":
+                    e.users += 1
+                    e.last_used = time.monotonic()
+                    return e.runtime
+                if e.state == "failed":
+                    raise ModelUnavailable(f"the model {model_id} failed to load: {e.error}", retry_after_s=60)
+                if e.state == "loading" and self.loader is None:  # filled from outside (the CLI's background load)
+                    raise ModelUnavailable(f"the model {model_id or 'to serve'} is still loading; retry shortly", retry_after_s=5)
+                if e.state == "loading":
+                    self._lock.release()
+                    try:
+                        e.done_loading.wait(600)
+                    finally:
+                        self._lock.acquire()
+                    continue
+                if self.loader is None:  # unloaded, and nothing here can load it
+                    raise ModelUnavailable(f"the model {model_id} is not loaded", retry_after_s=5)
+                if not self._make_room(e, final=time.monotonic() >= deadline):
+                    # Every model in the way is busy: wait for one to go idle (a release or a load
+                    # notifies), then look again; past the deadline _make_room raises the 503.
+                    self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                e.state, e.error = "loading", None
+                e.done_loading.clear()
+                break
+        return self._load(e)
+
+    def release(self, model_id: str) -> None:
+        with self._lock:
+            e = self.entries[model_id]
+            e.users -= 1
+            e.last_used = time.monotonic()
+            self._lock.notify_all()
+
+    # --- loading and unloading -----------------------------------------------------------
+
+    def _make_room(self, e: Entry, final: bool) -> bool:
+        """Unload idle models, least recently used first, until e fits (caller holds _lock).
+        False when busy models are in the way (the caller waits); with final, a 503 instead."""
+        def used() -> int:
+            return sum(x.cost for x in self.entries.values() if x.state in ("loaded", "loading"))
+
+        while used() + e.cost > self.budget_bytes:
+            idle = [x for x in self.entries.values() if x.state == "loaded" and not x.busy()]
+            if not idle and (not final and any(x.state in ("loaded", "loading") for x in self.entries.values())
+                             and e.cost <= self.budget_bytes):
+                return False
+            if not idle:
+                loaded = ", ".join(f"{x.model_id} ({x.state}{', busy' if x.busy() else ''}, {x.cost / GiB:.2f} GiB)"
+                                   for x in self.entries.values() if x.state in ("loaded", "loading")) or "nothing"
+                raise ModelUnavailable(
+                    f"no memory to load {e.model_id}: it needs about {e.cost / GiB:.2f} GiB and the budget is "
+                    f"{self.budget_bytes / GiB:.2f} GiB; loaded: {loaded}. Retry when a model is idle, or raise --max-memory",
+                    retry_after_s=5)
+            self._unload(min(idle, key=lambda x: x.last_used), "to make room for " + e.model_id)
+        return True
+
+    def _unload(self, e: Entry, why: str) -> None:
+        """Caller holds _lock; e is idle, so closing its runtime waits for nothing."""
+        rt, e.runtime, e.state = e.runtime, None, "unloaded"
+        before = rss_bytes()
+        rt.close()
+        log.info("unloaded %s (%s): resident memory %.0f -> %.0f MiB", e.model_id, why, before / 2**20, rss_bytes() / 2**20)
+        self.on_unload(e.model_id)
+
+    def _load(self, e: Entry) -> object:
+        """Load e outside the pool lock and return it with a lease (taken under the lock, so no
+        eviction can slip in between); every waiter is woken whatever happens."""
+        try:
+            with self._load_lock:
+                before = rss_bytes()
+                t0 = time.monotonic()
+                rt = self.loader(e)
+                seconds = time.monotonic() - t0
+                delta = rss_bytes() - before
+        except BaseException as err:  # any failure stays with this model
+            msg = str(err) if isinstance(err, LlamaboxError) else f"{type(err).__name__}: {err}"
+            log.error("loading %s failed: %s", e.model_id, msg)
+            with self._lock:
+                e.state, e.error = "failed", msg
+                e.done_loading.set()
+                self._lock.notify_all()
+            raise ModelUnavailable(f"the model {e.model_id} failed to load: {msg}", retry_after_s=60) from None
+        with self._lock:
+            e.runtime, e.state, e.load_seconds = rt, "loaded", seconds
+            e.measured_bytes = delta if delta > 0 else e.estimate_bytes
+            e.users += 1
+            e.last_used = time.monotonic()
+            e.done_loading.set()
+            self._lock.notify_all()
+        log.info("loaded %s in %.1fs: %.0f MiB resident (estimated %.0f MiB)", e.model_id, seconds, e.cost / 2**20,
+                 e.estimate_bytes / 2**20)
+        self.on_load(e.model_id, seconds)
+        return rt
+
+    def preload(self, model_ids: list[str]) -> None:
+        """Load these now (the default model first); failures are recorded per model."""
+        for m in model_ids:
+            try:
+                self.release(self.acquire(m).info.model_id)
+            except ModelUnavailable:
+                pass  # recorded in the entry; /health and /models say so
+
+    def set_loaded(self, model_id: str, runtime, error: str | None = None) -> None:
+        """For a single-model pool filled from outside (the CLI's background load, tests)."""
+        with self._lock:
+            e = self.entries[model_id]
+            if runtime is not None:
+                e.runtime, e.state, e.load_seconds = runtime, "loaded", runtime.info.load_seconds
+            elif error is not None:
+                e.state, e.error = "failed", error
+            e.done_loading.set()
+        if runtime is not None:
+            self.on_load(model_id, runtime.info.load_seconds)
+
+    def _reap(self) -> None:
+        try:
+            while not self._stop.wait(1.0):
+                now = time.monotonic()
+                with self._lock:
+                    for e in self.entries.values():
+                        if e.state == "loaded" and not e.pinned and not e.busy() and now - e.last_used > self.keep_alive_s:
+                            self._unload(e, f"idle for {self.keep_alive_s:g} s")
+        except BaseException as err:  # the owner (this pool) records it; /livez reports it
+            self.reaper_error = err
+            log.critical("the keep-alive thread stopped: %s", err, exc_info=err)
+
+    # --- views ------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """False when a loaded model's worker or the keep-alive thread has died."""
+        if self.reaper_error is not None:
+            return False
+        return all(e.runtime.scheduler.dead is None for e in self.entries.values() if e.runtime is not None)
+
+    def default(self) -> Entry:
+        return self.entries[self.default_id]
+
+    def loaded_runtimes(self) -> list:
+        with self._lock:
+            return [e.runtime for e in self.entries.values() if e.runtime is not None]
+
+    def inflight(self) -> int:
+        return sum(rt.scheduler.inflight for rt in self.loaded_runtimes())
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            out = []
+            for e in self.entries.values():
+                d = {"id": e.model_id, "state": e.state, "quant": e.quant, "file_bytes": e.file_bytes,
+                     "memory_bytes": e.measured_bytes if e.state == "loaded" else None,
+                     "estimated_bytes": e.estimate_bytes, "endpoint": f"/{e.model_id}-webhook/predict"}
+                if e.runtime is not None:
+                    i = e.runtime.info
+                    d.update({"chat": i.chat, "backend": i.backend, "n_ctx": i.n_ctx, "n_parallel": i.n_parallel})
+                if e.error:
+                    d["error"] = e.error
+                out.append(d)
+            return out
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
+        with self._lock:
+            for e in self.entries.values():
+                if e.runtime is not None:
+                    e.runtime.close()
+                    e.runtime, e.state = None, "unloaded"
