@@ -319,7 +319,7 @@ def test_store_base_model_with_a_template_serves_as_base(tiny_hf, tmp_path):
         assert rt.prompt_tokens("Hi", GenerationParams()) == rt.model.tokenize("Hi", add_bos=True)
     finally:
         rt.close()
-    path, model_id, _, chat = resolve_model("my-chat", store)
+    path, model_id, _, chat, _ = resolve_model("my-chat", store)
     assert chat is True
     rt = _load_runtime(path, model_id, settings, chat)
     try:

@@ -315,3 +315,20 @@ def test_the_import_job_command_parses():
     (job,) = by_kind("Job")
     args = build_parser().parse_args(container(job)["command"][1:])
     assert args.command == "import"
+
+
+def test_the_readmes_upload_pod_is_a_valid_pod_on_the_bundles_volume(no_network):
+    """deploy/README.md's `kubectl run --overrides` for copying a bundle onto the volume."""
+    import json
+
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]' (kubernetes-validate)")
+    m = re.search(r"kubectl run llamabox-upload .*--overrides='([^']+)'", (DEPLOY / "README.md").read_text())
+    assert m, "no upload command in deploy/README.md"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "llamabox-upload"}, **json.loads(m[1])}
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+    (job,) = by_kind("Job")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] in claims
+    assert pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/bundles"
