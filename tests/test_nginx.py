@@ -82,6 +82,13 @@ def render_nginx_conf(text: str, replicas: list[str], listen: int, prefix: Path,
     return text
 
 
+def early_error_log(prefix: Path) -> list[str]:
+    """-e (nginx >= 1.19.5): the error log before the configuration is read, inside prefix too."""
+    v = subprocess.run([NGINX, "-v"], capture_output=True, text=True, timeout=10).stderr
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", v)
+    return ["-e", str(prefix / "error.log")] if m and tuple(map(int, m.groups())) >= (1, 19, 5) else []
+
+
 class Nginx:
     def __init__(self, replicas: list[str]):
         self.prefix = Path(tempfile.mkdtemp(prefix="llamabox-nginx-"))
@@ -90,7 +97,7 @@ class Nginx:
         self.url = f"http://127.0.0.1:{self.port}"
         self.conf = self.prefix / "nginx.conf"
         self.conf.write_text(render_nginx_conf(CONF.read_text(), replicas, self.port, self.prefix))
-        base = [NGINX, "-p", f"{self.prefix}/", "-c", str(self.conf), "-e", str(self.prefix / "error.log")]
+        base = [NGINX, "-p", f"{self.prefix}/", "-c", str(self.conf), *early_error_log(self.prefix)]
         check = subprocess.run([*base, "-t"], capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         self.proc = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
@@ -290,8 +297,10 @@ def run_load(base: str, model: str, seconds: float, outcomes: list[Outcome], sto
         rng = random.Random(i)
         with requests.Session() as s:
             while time.monotonic() < end and not stop.is_set():
-                outcomes.append(one_request(s, base, model, ("predict", "stream", "chat")[rng.randrange(3)], rng,
-                                            streaming))
+                o = one_request(s, base, model, ("predict", "stream", "chat")[rng.randrange(3)], rng, streaming)
+                outcomes.append(o)
+                if not o.ok:
+                    time.sleep(0.2)  # a failing request is quick: do not let a broken setup flood the counts
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
     [t.start() for t in threads]
@@ -339,7 +348,7 @@ def test_the_rendered_template_passes_nginx_t(tmp_path):
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_conf(CONF.read_text(), ["127.0.0.1:1", "127.0.0.1:2"], free_port(), tmp_path,
                                       upstream_header=False))
-    r = subprocess.run([NGINX, "-t", "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "error.log")],
+    r = subprocess.run([NGINX, "-t", "-p", f"{tmp_path}/", "-c", str(conf), *early_error_log(tmp_path)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 
@@ -431,16 +440,12 @@ def test_rolling_restart_under_load_fails_no_request(cluster):
     try:
         time.sleep(3)
         for rep in replicas:
-            t = time.monotonic()
+            t, seen = time.monotonic(), len(rep.log)
             rep.proc.send_signal(signal.SIGTERM)
             rc = rep.wait_exit(DRAIN_S + 15)
             exited = time.monotonic() - t
             assert rc == 0, "".join(rep.log[-30:])
-            assert any("drained" in ln for ln in rep.log), "".join(rep.log[-30:])
-            errors_before_restart = replica_errors([rep])
-            if errors_before_restart:
-                print(errors_before_restart)
-            rep.log.clear()
+            assert any("drained" in ln for ln in rep.log[seen:]), "".join(rep.log[-30:])  # nothing was cut off
             rep.start()
             rep.wait_ready()
             signals.append((rep, t, exited, time.monotonic() - t))
