@@ -205,10 +205,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPo
         g.run_id = str(uuid.uuid4())
         g.rec = RequestRecord(g.run_id, request.url_rule.rule if request.url_rule is not None else "unmatched")
         if state().draining and request.path not in ("/health", "/livez"):
+            request.environ.get("llamabox.close_connection", lambda: None)()  # then close this connection
             # A request on a connection that was open before the drain began: nothing has started,
             # so another replica can take it (nginx retries our 503s; see deploy/nginx.conf).
             raise ApiError(503, "the server is shutting down; retry on another replica",
-                           {"Retry-After": "1", "Connection": "close"}, code="shutting_down")
+                           {"Retry-After": "1"}, code="shutting_down")
 
     @app.after_request
     def _record(resp: Response):

@@ -34,7 +34,7 @@ import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,19 @@ class _EnvelopeErrorTask(ErrorTask):
         self.write(body)
 
 
+class _Task(WSGITask):
+    """Lets the app close the connection after its answer (a WSGI app may not send Connection: close)."""
+
+    def get_environment(self):
+        environ = super().get_environment()
+        environ["llamabox.close_connection"] = self.set_close_on_finish
+        return environ
+
+
 class _Channel(HTTPChannel):
     """A connection with a deadline for each request to arrive in full."""
 
+    task_class = _Task
     error_task_class = _EnvelopeErrorTask
     request_began = 0.0  # monotonic time of the first byte of the request being received
 

@@ -103,8 +103,9 @@ def test_nginx_upstream_balances_by_least_connections_with_kept_alive_connection
     assert len(servers) >= 2
     for _, args, _ in servers:
         opts = dict(a.split("=", 1) for a in args[1:])
-        # A marked replica is skipped; but max_fails=1 would black the whole upstream out on a burst of 503s.
-        assert int(opts["max_fails"]) > 1 and seconds(opts["fail_timeout"]) <= 10
+        # A marked replica is skipped; when all are marked nginx answers 502 to everything. Marks that
+        # outlast a replica's restart (nginx's default: 10 s) did that in a rolling restart.
+        assert int(opts["max_fails"]) > 1 and seconds(opts["fail_timeout"]) <= 2
     assert int(one(upstream, "keepalive")[1][0]) > 0
     # nginx closes idle upstream connections before llamabox does, so it never reuses one being closed.
     assert seconds(one(upstream, "keepalive_timeout")[1][0]) < DEFAULTS.idle_timeout_s
