@@ -5,9 +5,9 @@
 The same GGUF is loaded twice under two ids (two real llama.cpp models and contexts).
   * swap: with a budget for one model, a request to the other forces an unload and a load;
     its wall time is compared with the plain load time of the model.
-  * two at once: two clients generate at the same time, one per model, each with --threads
-    threads; total tokens/s with the shared compute lock (what the server does) against
-    separate locks (both decode at once on the same cores), and one model alone as the bound.
+  * two at once: two models loaded; tokens/s of one generating alone, and total tokens/s of both
+    generating at once, with every decode on one shared compute thread (what the server does
+    with several models) against a worker thread each calling llama.cpp (runtime/compute.py).
 Arms alternate, order rotated each round; medians are printed and written to bench/out/multi.json.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -34,12 +35,46 @@ def gen(rt, n=N_TOKENS) -> int:
     return rt.generate(PROMPT, GenerationParams(max_length=n, temperature=0.0)).completions[0].generated_tokens
 
 
+def child(path: Path, threads: int, shared: bool) -> dict:
+    """Two models of the same file; tokens/s of one generating alone, then of both at once."""
+    from runtime import load
+    from runtime.compute import ComputeThread
+
+    compute = ComputeThread() if shared else None
+    a, b = (load(path, n_ctx=1024, n_threads=threads, model_id=m, chat=False, compute=compute and compute.call) for m in "ab")
+    try:
+        gen(a), gen(b)  # warm-up: both have decoded (in the separate arm, each worker made its thread team)
+
+        def alone() -> float:
+            t0 = time.perf_counter()
+            return gen(a) / (time.perf_counter() - t0)
+
+        def pair() -> float:
+            counts = [0, 0]
+            t0 = time.perf_counter()
+            ts = [threading.Thread(target=lambda i, rt: counts.__setitem__(i, gen(rt)), args=(i, rt)) for i, rt in enumerate((a, b))]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            return sum(counts) / (time.perf_counter() - t0)
+
+        return {"alone": statistics.median(alone() for _ in range(3)), "pair": statistics.median(pair() for _ in range(3))}
+    finally:
+        a.close()
+        b.close()
+        if compute is not None:
+            compute.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--child", choices=("shared", "separate"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(Path(args.model), args.threads, args.child == "shared")))
+        return
 
     from runtime import load
     from server.pool import Entry, ModelPool, estimate_cost
@@ -47,13 +82,13 @@ def main() -> None:
     path = Path(args.model)
 
     def loader(lock):
-        return lambda e: load(e.path, n_ctx=1024, n_threads=args.threads, model_id=e.model_id, chat=False, compute_lock=lock)
+        return lambda e: load(e.path, n_ctx=1024, n_threads=args.threads, model_id=e.model_id, chat=False)
 
     out: dict = {"model": str(path), "threads": args.threads}
     # --- swap ---------------------------------------------------------------------------------
     est = estimate_cost(path, 1024)
     entries = [Entry("a", path, chat=False, estimate_bytes=est, pinned=True), Entry("b", path, chat=False, estimate_bytes=est)]
-    pool = ModelPool(entries, loader(threading.Lock()), int(est * 1.05))  # one fits, estimated or measured
+    pool = ModelPool(entries, loader(None), int(est * 1.05))  # one fits, estimated or measured
     plain, swaps = [], []
     for r in range(args.rounds):
         t0 = time.perf_counter()
@@ -71,40 +106,25 @@ def main() -> None:
     print(f"plain load {out['swap']['plain_load_s'] * 1000:.0f} ms, request that forces unload + load "
           f"{out['swap']['swap_s'] * 1000:.0f} ms (medians: {len(plain)} loads, {len(swaps)} swaps)", flush=True)
 
-    # --- two models decoding at once ------------------------------------------------------------
-    shared = threading.Lock()
-    a, b = load(path, n_ctx=1024, n_threads=args.threads, model_id="a", chat=False, compute_lock=shared), \
-        load(path, n_ctx=1024, n_threads=args.threads, model_id="b", chat=False, compute_lock=shared)
-    c, d = load(path, n_ctx=1024, n_threads=args.threads, model_id="c", chat=False), \
-        load(path, n_ctx=1024, n_threads=args.threads, model_id="d", chat=False)
-    gen(a), gen(c)  # warm-up
-
-    def pair(x, y) -> float:
-        counts = [0, 0]
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=lambda i, rt: counts.__setitem__(i, gen(rt)), args=(i, rt)) for i, rt in enumerate((x, y))]
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        return sum(counts) / (time.perf_counter() - t0)
-
-    def alone(x) -> float:
-        t0 = time.perf_counter()
-        return gen(x) / (time.perf_counter() - t0)
-
-    arms = {"one model alone": lambda: alone(a), "two, shared lock": lambda: pair(a, b), "two, no lock": lambda: pair(c, d)}
-    res: dict[str, list[float]] = {k: [] for k in arms}
-    names = list(arms)
+    # --- two models decoding at once: each configuration in its own process -----------------
+    # (OpenMP thread teams, once made by a thread that decoded, stay for the process's life.)
+    res: dict[str, list[dict]] = {"shared compute thread": [], "a worker each": []}
+    names = list(res)
     for r in range(args.rounds):
         for k in range(len(names)):
             name = names[(k + r) % len(names)]
-            res[name].append(arms[name]())
-            print(f"round {r + 1} {name:18} {res[name][-1]:7.1f} tok/s total", flush=True)
-    for rt in (a, b, c, d):
-        rt.close()
-    out["two_at_once"] = {k: statistics.median(v) for k, v in res.items()}
-    print(f"\nmedians over {args.rounds} rounds, {path.name}, {args.threads} threads each:")
+            cmd = [sys.executable, __file__, "--model", str(path), "--threads", str(args.threads),
+                   "--child", "shared" if name.startswith("shared") else "separate"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                sys.exit(done.stderr.strip().splitlines()[-1])
+            res[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            x = res[name][-1]
+            print(f"round {r + 1} {name:22} one model {x['alone']:6.1f} tok/s, two at once {x['pair']:6.1f} tok/s total", flush=True)
+    out["two_at_once"] = {k: {m: statistics.median(x[m] for x in v) for m in ("alone", "pair")} for k, v in res.items()}
+    print(f"\nmedians over {args.rounds} rounds, {path.name}, {args.threads} threads each, two models loaded:")
     for k, v in out["two_at_once"].items():
-        print(f"  {k:18} {v:7.1f} tok/s total")
+        print(f"  {k:22} one model generating {v['alone']:6.1f} tok/s; both at once {v['pair']:6.1f} tok/s total")
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "out" / "multi.json").write_text(json.dumps(out, indent=2))
 

@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.model = str(Path(args.model).resolve())  # the children run in their own trees
     if args.child:
         print(json.dumps(child(args.model, args.prompt_tokens, args.chunk, args.threads)))
         return

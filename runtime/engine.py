@@ -48,7 +48,7 @@ class RuntimeInfo:
 class Runtime:
     def __init__(self, model: LlamaModel, model_id: str, template: ChatTemplate | None, n_parallel: int, n_cache: int,
                  queue_size: int, load_seconds: float, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 compute_lock: threading.Lock | None = None):
+                 compute=None):
         self.model = model
         self.template = template
         self.chat = template is not None
@@ -59,7 +59,7 @@ class Runtime:
         self._tokenizing = 0
         self._closed = False
         self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size, prefill_chunk=prefill_chunk,
-                                   compute_lock=compute_lock)
+                                   compute=compute)
         self.info = RuntimeInfo(
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
@@ -215,7 +215,7 @@ def load(
     n_batch: int = 512,
     use_mmap: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    compute_lock: threading.Lock | None = None,
+    compute=None,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
 
@@ -233,7 +233,7 @@ def load(
     try:
         template = _chat_template(model, chat, chat_template)
         rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, time.monotonic() - t0, prefill_chunk,
-                     compute_lock)
+                     compute)
     except BaseException:
         model.close()
         raise

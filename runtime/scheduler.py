@@ -122,7 +122,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, model: LlamaModel, n_parallel: int, n_cache: int, queue_size: int, min_cached_prompt: int = 32,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compute_lock: threading.Lock | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compute: Callable[[Callable[[], None]], None] | None = None):
         assert n_parallel + n_cache <= model.config.n_seq_max
         assert n_parallel < model.config.n_batch, "a decode step must fit every running sequence plus a prompt chunk"
         self.model = model
@@ -130,10 +130,9 @@ class Scheduler:
         self.capacity = n_parallel + queue_size  # requests admitted at once (running or waiting)
         self.min_cached_prompt = min_cached_prompt  # shorter prompts are not worth a cache slot
         self.prefill_chunk = max(1, prefill_chunk)
-        # Held around each llama_decode. Several models in one process share one, so that only one
-        # decodes at a time: ggml's threads spin while they work, and two models decoding on the
-        # same cores at once slow each other down for no gain in total throughput.
-        self.compute_lock = compute_lock or threading.Lock()
+        # Runs each llama_decode: directly on this worker, or, when several models share the process,
+        # on one shared thread (runtime/compute.py says why: OpenMP keeps a thread team per caller).
+        self._compute = compute or (lambda fn: fn())
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, waiting for room
         self._free_ids = list(range(n_parallel))
@@ -397,8 +396,7 @@ class Scheduler:
             if not entries:
                 return
             try:
-                with self.compute_lock:
-                    self.model.decode(entries)
+                self._compute(lambda: self.model.decode(entries))
                 break
             except KVCacheFull as e:
                 # Back-pressure, in order of least harm: drop a cached prompt, put the prompt being

@@ -68,7 +68,7 @@ def resolve_model(ref: str | None, store) -> ResolvedModel:
     return ResolvedModel(mf.path, mf.model_id, mf.model_id == DEMO_ID, mf.chat, mf.quant)
 
 
-def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None, compute_lock=None):
+def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None, compute=None):
     """chat: resolve_model's verdict; --no-chat and --chat-template (settings) override it."""
     from runtime import load
 
@@ -84,7 +84,7 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
                                                     f"{getattr(e, 'strerror', None) or e}") from None
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
-                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute_lock=compute_lock)
+                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -179,14 +179,17 @@ def cmd_serve(args) -> int:
         if p not in ids:
             raise InvalidParameter("preload", f"{p!r} is not one of the served models ({', '.join(ids)})")
     budget = settings.max_memory_bytes or int(available_memory() * DEFAULT_BUDGET_SHARE)
-    compute_lock = threading.Lock()  # one llama_decode at a time across models (server/pool.py says why)
+    from runtime.compute import ComputeThread
+
+    # Every model's llama_decode on one thread (runtime/compute.py says why); the pool owns it.
+    compute = ComputeThread() if len(entries) > 1 else None
     for e in entries:
         e.pinned = e.model_id == ids[0] or e.model_id in settings.preload
         if e.estimate_bytes > budget:
             log.warning("%s needs about %.1f GiB, more than the memory budget (%.1f GiB): it will not load",
                         e.model_id, e.estimate_bytes / GiB, budget / GiB)
-    pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute_lock), budget,
-                     settings.keep_alive_s)
+    pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call), budget,
+                     settings.keep_alive_s, compute=compute)
     _raise_open_file_limit(settings.max_connections + 64)
     app = create_app(settings, pool=pool)
     server = make_server(app, settings)

@@ -16,11 +16,11 @@ unloaded when it is evicted or idles past --keep-alive. Rules:
   * A model that fails to load stays failed (its file will not mend itself): its
     requests get a 503 quoting the load error, and the other models keep serving.
 
-Threads: every model has its own scheduler worker, but they share one compute
-lock, so only one model runs a llama_decode at a time (see runtime/scheduler.py):
-ggml's threads spin while they work, and two models decoding at once on the same
-cores would slow both for no gain in total throughput (README "Several models").
-The keep-alive reaper is a thread this pool owns; if it dies, `alive` says so.
+Threads: every model has its own scheduler worker, but with several models all
+their llama_decode calls run on one shared compute thread (runtime/compute.py), so
+llama.cpp's OpenMP keeps a single thread team and the models take turns step by
+step (README "Several models" has the measurements). The keep-alive reaper and the
+compute thread are threads this pool owns; if either dies, `alive` says so.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512) -> int:
 class ModelPool:
     def __init__(self, entries: list[Entry], loader: Callable[[Entry], object] | None, budget_bytes: int,
                  keep_alive_s: float | None = None, on_load: Callable[[str, float], None] | None = None,
-                 on_unload: Callable[[str], None] | None = None, room_wait_s: float = 60.0):
+                 on_unload: Callable[[str], None] | None = None, room_wait_s: float = 60.0, compute=None):
         if not entries:
             raise ValueError("a pool needs at least one model")
         self.entries = {e.model_id: e for e in entries}
@@ -140,6 +140,7 @@ class ModelPool:
         self.budget_bytes = budget_bytes
         self.keep_alive_s = keep_alive_s
         self.room_wait_s = room_wait_s      # how long a load may wait for a busy model to go idle before 503
+        self.compute = compute              # the shared decode thread (runtime/compute.py), owned here
         self.on_load = on_load or (lambda _m, _s: None)
         self.on_unload = on_unload or (lambda _m: None)
         self._lock = threading.Condition()  # entries' states, leases, the budget; notified when one changes
@@ -303,7 +304,7 @@ class ModelPool:
     @property
     def alive(self) -> bool:
         """False when a loaded model's worker or the keep-alive thread has died."""
-        if self.reaper_error is not None:
+        if self.reaper_error is not None or (self.compute is not None and not self.compute.alive):
             return False
         return all(e.runtime.scheduler.dead is None for e in self.entries.values() if e.runtime is not None)
 
@@ -341,3 +342,5 @@ class ModelPool:
                 if e.runtime is not None:
                     e.runtime.close()
                     e.runtime, e.state = None, "unloaded"
+        if self.compute is not None:
+            self.compute.close()
