@@ -70,26 +70,25 @@ class Entry:
         return self.users > 0 or (rt is not None and rt.scheduler.inflight > 0)
 
 
-def rss_bytes() -> int:
-    """This process's resident set (VmRSS), or 0 where /proc is missing."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A 'Key:  123 kB' line of a /proc file, in bytes; None where there is no such file or line."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set (VmRSS), or 0 where /proc is missing."""
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo (bytes); falls back to total physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return _proc_kib("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
