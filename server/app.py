@@ -198,6 +198,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPo
     app.extensions["llamabox"] = st
     app.register_blueprint(predict_bp)
     app.register_blueprint(v1_bp)
+    if settings.ui:
+        from .ui import bp as ui_bp
+
+        app.register_blueprint(ui_bp)  # the chat page at / (server/static/)
 
     @app.before_request
     def _start():

@@ -161,7 +161,7 @@ def cmd_serve(args) -> int:
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
-        drain_timeout_s=args.drain_timeout, metrics_public=args.metrics_public, log_format=args.log_format,
+        drain_timeout_s=args.drain_timeout, metrics_public=args.metrics_public, log_format=args.log_format, ui=not args.no_ui,
         max_memory_bytes=parse_size("max_memory", args.max_memory) if args.max_memory else 0,
         keep_alive_s=parse_duration("keep_alive", args.keep_alive) if args.keep_alive else None,
         preload=tuple(x for p in (args.preload or []) for x in p.split(",") if x),
@@ -511,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send a whole request, headers and body (default 30)")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="access log lines (default text)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds that requests in flight get to finish (default 30)")

@@ -39,6 +39,7 @@ class Settings:
     log_format: str = "text"          # access log lines: "text" (key=value) or "json"
     chat_template: str | None = None  # a Jinja chat template file used instead of the GGUF's (--chat-template)
     no_chat: bool = False             # never wrap prompts in a chat template, even if the model has one (--no-chat)
+    ui: bool = True                   # serve the chat page at / (server/ui.py); --no-ui turns it off
 
     @property
     def is_loopback(self) -> bool:

@@ -108,7 +108,7 @@ def _submit(rt, tokens: list[int], params, field: str, on_text=None):
 
 
 def _run(rt, req: V1Request, tokens: list[int], field: str, chat: bool):
-    params = fill_max_length(req.params, len(tokens), rt.info.n_ctx, field)
+    params = fill_max_length(req.params, len(tokens), rt.info.n_ctx, rt.info.n_parallel, field)
     kind = "chat.completion" if chat else "text_completion"
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "object": kind, "created": int(time.time()),
             "model": rt.info.model_id}

@@ -193,14 +193,17 @@ def parse_completion(data: Any, limits: Limits) -> V1Request:
     return V1Request(model, GenerationParams(**kw), stream, include_usage, prompt=prompt)
 
 
-def fill_max_length(params: GenerationParams, n_prompt: int, n_ctx: int, field: str) -> GenerationParams:
-    """No max_tokens: as many new tokens per sequence as fit beside the prompt (at least 1)."""
+def fill_max_length(params: GenerationParams, n_prompt: int, n_ctx: int, n_parallel: int, field: str) -> GenerationParams:
+    """No max_tokens: as many new tokens per sequence as fit beside the prompt, but at most a fair
+    share of the context (n_ctx / n_parallel, as llama.cpp's server gives each slot). A request
+    reserves its whole budget of KV cells up front, so an unlimited one would otherwise hold the
+    entire context and run alone; most OpenAI clients send no max_tokens."""
     if params.max_length:
         return params
     room = (n_ctx - n_prompt) // params.num_return_sequences
     if room < 1:
         raise InvalidParameter(field, f"the prompt is {n_prompt} tokens; the context holds {n_ctx} in all")
-    return replace(params, max_length=room)
+    return replace(params, max_length=min(room, max(1, n_ctx // n_parallel)))
 
 
 __all__ = ["V1Request", "parse_chat", "parse_completion", "fill_max_length", "MAX_STOP_STRINGS"]

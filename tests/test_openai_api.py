@@ -234,6 +234,9 @@ def test_timeout_is_504(chat_runtime, settings):
 
 def test_disconnect_mid_stream_cancels_and_frees_the_sequences(live_server, chat_runtime):
     sched = chat_runtime.scheduler
+    deadline = time.monotonic() + 10  # earlier tests' cancelled jobs are counted when the worker gets to them
+    while sched.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
     before = sched.stats["jobs_cancelled"]
     neighbour = slow_neighbour(chat_runtime)
     try:
@@ -260,3 +263,21 @@ def test_context_errors_name_openai_fields(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=500, n=2)
     assert e.value.body["param"] == "max_tokens" and "max_length" not in e.value.body["message"]
+
+
+def test_without_max_tokens_a_chat_gets_its_share_of_the_context(live_server, chat_runtime):
+    """4 parallel sequences on 512 cells: an unlimited request may take 128 tokens, so four such
+    requests run side by side instead of each reserving the whole context."""
+    job_sizes = []
+    real = chat_runtime.submit_tokens
+
+    def spy(tokens, params, on_text=None):
+        job_sizes.append(params.max_length)
+        return real(tokens, params, on_text=on_text)
+
+    chat_runtime.submit_tokens = spy
+    try:
+        r = sdk(live_server).chat.completions.create(model=MODEL, messages=HELLO, temperature=0)
+    finally:
+        del chat_runtime.submit_tokens
+    assert job_sizes == [512 // 4] and r.usage.completion_tokens <= 128

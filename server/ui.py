@@ -1,0 +1,44 @@
+"""The chat page at / : static HTML, CSS and JS from server/static/, no build step, nothing remote.
+
+The page talks to /v1 like any other client (with the key the person types, sent as
+Authorization: Bearer). Its responses carry a strict Content-Security-Policy: only this
+server's own script, styles and connections; no inline script, no frames.
+--no-ui (Settings.ui = False) leaves this blueprint out, so / is a 404 again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, Response, request, send_from_directory
+
+STATIC = Path(__file__).parent / "static"
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+bp = Blueprint("ui", __name__)
+
+
+@bp.record_once
+def _serve_static(setup) -> None:
+    # Flask gives every app a /static route (endpoint "static", from <cwd>/static, which we never
+    # use); the page's files are served by that route, from server/static/.
+    setup.app.static_folder = str(STATIC)
+
+
+@bp.get("/")
+def index():
+    resp = send_from_directory(STATIC, "index.html", max_age=0)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.after_app_request
+def _headers(resp: Response) -> Response:
+    if request.endpoint not in ("ui.index", "static"):
+        return resp
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    return resp
