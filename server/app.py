@@ -184,7 +184,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPo
     from .predict import bp as predict_bp
     from .v1 import bp as v1_bp
 
-    app = Flask("llamabox")
+    app = Flask("llamabox", static_folder=None)  # no <cwd>/static: the chat page's files come from server/ui.py
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     if pool is None:

@@ -16,14 +16,9 @@ STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-bp = Blueprint("ui", __name__)
-
-
-@bp.record_once
-def _serve_static(setup) -> None:
-    # Flask gives every app a /static route (endpoint "static", from <cwd>/static, which we never
-    # use); the page's files are served by that route, from server/static/.
-    setup.app.static_folder = str(STATIC)
+# The app itself has no static folder (create_app passes static_folder=None: Flask's default
+# would serve <cwd>/static to anyone); the page's files come from this blueprint only.
+bp = Blueprint("ui", __name__, static_folder=str(STATIC), static_url_path="/static")
 
 
 @bp.get("/")
@@ -35,7 +30,7 @@ def index():
 
 @bp.after_app_request
 def _headers(resp: Response) -> Response:
-    if request.endpoint not in ("ui.index", "static"):
+    if request.endpoint not in ("ui.index", "ui.static"):
         return resp
     resp.headers["Content-Security-Policy"] = CSP
     resp.headers["X-Content-Type-Options"] = "nosniff"
