@@ -86,3 +86,7 @@ class GatedRepoError(DownloadError):
 
 class IntegrityError(LlamaboxError):
     """A file's checksum or size does not match its manifest."""
+
+
+class BundleError(LlamaboxError):
+    """A model bundle (`llamabox import`) is not ours, is unsafe, is damaged, or does not match its manifest."""

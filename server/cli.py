@@ -465,6 +465,61 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
+class _tqdm_bytes:
+    """A progress callback (bytes done, bytes in all) drawn as a tqdm bar on stderr."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_export(args) -> int:
+    from convert.bundle import default_output, export_bundle
+    from convert.store import Store, parse_ref
+
+    model_id, _ = parse_ref(args.model)
+    to_stdout = args.output == "-"
+    if to_stdout and sys.stdout.isatty():
+        return _die("refusing to write a binary bundle to a terminal; pipe it, or give -o FILE")
+    out = sys.stdout.buffer if to_stdout else Path(args.output or default_output(model_id))
+    bar = _tqdm_bytes(f"exporting {args.model}")
+    try:
+        result = export_bundle(Store(), args.model, out, progress=bar)
+    finally:
+        bar.close()
+    print(f"exported {result.model_id} ({', '.join(result.files)}; {result.bytes / 2**20:.1f} MiB) to "
+          f"{result.path if result.path else 'stdout'}", file=sys.stderr if to_stdout else sys.stdout)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from convert.bundle import import_bundle
+    from convert.store import Store
+
+    src = sys.stdin.buffer if args.bundle == "-" else Path(args.bundle)
+    bar = _tqdm_bytes("importing")
+    try:
+        result = import_bundle(Store(), src, force=args.force, progress=bar)
+    finally:
+        bar.close()
+    if result.already_present:
+        print(f"{result.model_id} already holds these files ({', '.join(result.files)}); nothing to import")
+    else:
+        print(f"imported {result.model_id} ({', '.join(result.files)}; {result.bytes / 2**20:.1f} MiB)")
+    return 0
+
+
 def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     if many:
         p.add_argument("--model", action="append",
@@ -571,6 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-hash model files against their manifest")
     p.add_argument("model", nargs="?")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("export", help="write a model (all its quant files, or ID:QUANT) to one .tar bundle")
+    p.add_argument("model", help="store id, or id:quant for one file")
+    p.add_argument("-o", "--output", help="bundle file, or - for stdout (default ./<id>.llamabox.tar)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="add a model from a bundle made by `llamabox export` (every file sha256-checked)")
+    p.add_argument("bundle", help="bundle file, or - for stdin")
+    p.add_argument("--force", action="store_true",
+                   help="replace the whole model if the id holds another checkpoint (default: refuse)")
+    p.set_defaults(func=cmd_import)
     return ap
 
 
