@@ -3,23 +3,31 @@
 Everything goes through `huggingface_hub` (developed against 2.4.0):
 
 * the repo is listed once with `HfApi.model_info` at the requested revision, which pins the commit;
-* only the files a conversion needs (`select_files`) are fetched with `hf_hub_download`, pinned to
-  that commit, into a plain folder (`local_dir=dest`: real files, no cache symlinks);
+* only the files a conversion needs (`select_files`) are fetched, pinned to that commit, into a plain
+  folder (real files, no cache symlinks), resumably (see Resuming below); a GGUF with `hf_hub_download`;
 * the Hub endpoint is `HF_ENDPOINT`, the token is the explicit one or else whatever huggingface_hub
   finds (`HF_TOKEN`, then the `hf auth login` token file);
 * `HF_HUB_OFFLINE` makes this module use only what an earlier download left in `dest`;
 * huggingface_hub's own progress bars are shown (silence them with `HF_HUB_DISABLE_PROGRESS_BARS=1`).
 
-Resuming: within one call, huggingface_hub re-requests a broken transfer with `Range: bytes=N-`
-(up to 5 times in a row without progress). Across calls, finished files are kept and skipped
-(their commit is recorded next to them); a file that was cut off starts over, because
-huggingface_hub >= 2.x downloads into a per-process temporary file that it deletes on failure.
+Resuming: `hf_hub_download` cannot resume across processes (huggingface_hub >= 2.x downloads into a
+per-process temporary file that it deletes on failure, or orphans on `kill -9`), so checkpoint files are
+fetched here with huggingface_hub's own pieces instead: `hf_hub_url` + `get_hf_file_metadata` (auth
+headers, the CDN redirect) and `file_download.http_get` (its HTTP client, `Range: bytes=N-`, up to 5
+retries in a row without progress, restart when a server ignores the range). Each file grows in
+`dest/.llamabox-partial/<name>.<content id>.incomplete`, which survives Ctrl-C, `kill -9` and a
+dropped connection; the next call sends `Range: bytes=<its size>-` and appends. huggingface_hub writes
+whole DOWNLOAD_CHUNK_SIZE (10 MiB) chunks, so at most that much is fetched twice. A finished file is
+checked by size and by sha256 (LFS files) or git blob id (the others) before it is moved into place; a
+mismatch deletes the partial, so a corrupt one is never resumed again. Finished files are recorded in
+`dest/.llamabox-partial/<name>.done` and skipped by later calls.
 
 Errors are classified by exception type, never by message text, into `runtime.errors`.
 """
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import importlib
 import json
@@ -29,7 +37,11 @@ import re
 import shutil
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+from urllib.parse import urlsplit
+
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.errors import (
     DisabledRepoError,
     FileMetadataError,
@@ -94,6 +106,9 @@ _REPO_ID_RE = re.compile(rf"^{_NAME_PART}/{_NAME_PART}$")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 8 * 1024 * 1024
+# Bookkeeping of resumable downloads inside a checkpoint folder. Hidden, and never named with the
+# store's TMP_MARK: a partial here is kept for the next run, not swept.
+PARTIAL_DIR = ".llamabox-partial"
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -279,7 +294,16 @@ def _sibling_size(sibling) -> int | None:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _hash_file(path, hashlib.sha256())
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """The git object id of a file's content: what the Hub lists as `blobId` for a non-LFS file."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    return _hash_file(path, digest)
+
+
+def _hash_file(path: Path, digest) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
@@ -313,6 +337,102 @@ def _manifest_complete(dest: Path, manifest: dict) -> bool:
         if not path.is_file() or (isinstance(size, int) and path.stat().st_size != size):
             return False
     return True
+
+
+def _expected(sibling) -> tuple[int | None, str | None, str | None]:
+    """(size, sha256, git blob id) the Hub lists for a file; sha256 only for LFS files."""
+    lfs = getattr(sibling, "lfs", None)
+    sha256 = getattr(lfs, "sha256", None) if lfs is not None else None
+    sha256 = sha256.lower() if isinstance(sha256, str) and _SHA256_RE.match(sha256.lower()) else None
+    blob_id = getattr(sibling, "blob_id", None)
+    blob_id = blob_id if isinstance(blob_id, str) and re.fullmatch(r"[0-9a-f]{40}", blob_id) else None
+    return _sibling_size(sibling), sha256, blob_id
+
+
+def _content_mismatch(path: Path, size: int | None, sha256: str | None, blob_id: str | None) -> str | None:
+    """Why `path` is not the listed content, or None when it is (size, then sha256 or git blob id)."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        return f"is {actual_size} bytes, the Hub lists {size}"
+    if sha256 is not None:
+        actual = _sha256_file(path)
+        if actual != sha256:
+            return f"has sha256 {actual}, the Hub lists {sha256}"
+    elif blob_id is not None:
+        actual = _git_blob_sha1(path)
+        if actual != blob_id:
+            return f"has git blob id {actual}, the Hub lists {blob_id}"
+    return None
+
+
+def _same_origin(a: str, b: str) -> bool:
+    sa, sb = urlsplit(a), urlsplit(b)
+    return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
+
+
+def _fetch_file(repo_id: str, name: str, commit: str, dest: Path, token: str | None, endpoint: str, sibling) -> Path:
+    """Download one file of `repo_id`@`commit` to `dest/name`, resuming a partial an earlier call left.
+
+    The partial is `dest/PARTIAL_DIR/<name>.<content id>.incomplete`; it is kept on any failure or
+    kill (and resumed with a Range request next time), and deleted only when the finished content
+    does not verify. Raises IntegrityError, or huggingface_hub / transport errors for `_translate`.
+    """
+    size, sha256, blob_id = _expected(sibling)
+    key = sha256 or blob_id or commit
+    final = dest / name
+    state = dest / PARTIAL_DIR
+    done = state / f"{name}.done"
+    record = {"key": key, "size": size}
+    if final.is_file():
+        try:
+            recorded = json.loads(done.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == record and (size is None or final.stat().st_size == size):
+            return final
+        if (sha256 or blob_id) and _content_mismatch(final, size, sha256, blob_id) is None:
+            state.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(record), encoding="utf-8")
+            return final
+
+    state.mkdir(parents=True, exist_ok=True)
+    partial = state / f"{name}.{key[:16]}.incomplete"
+    for other in state.glob(f"{glob.escape(name)}.*.incomplete"):
+        if other != partial:  # another version of the file: useless now
+            other.unlink(missing_ok=True)
+
+    url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
+    metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=True)
+    if size is None:
+        size = metadata.size
+    headers = build_hf_headers(token=token)
+    headers["Accept-Encoding"] = "identity"  # byte ranges of the stored content, not of a gzip stream
+    location = metadata.location or url
+    if not _same_origin(url, location):
+        headers.pop("authorization", None)  # a signed CDN URL: never send the token off the Hub
+
+    resume = partial.stat().st_size if partial.is_file() else 0
+    if size is not None and resume > size:
+        resume = 0
+    if resume:
+        logger.info("Resuming %s at %d of %s bytes", name, resume, size if size is not None else "?")
+    with open(partial, "r+b" if partial.is_file() else "wb") as f:
+        f.seek(resume)
+        f.truncate()
+        http_get(location, f, resume_size=resume, headers=headers, expected_size=size, displayed_filename=name)
+        f.flush()
+        os.fsync(f.fileno())
+
+    problem = _content_mismatch(partial, size, sha256, blob_id)
+    if problem is not None:
+        partial.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{name} from {repo_id}@{commit[:12]} {problem}; the download is corrupt and has been deleted."
+        )
+    final.unlink(missing_ok=True)
+    os.replace(partial, final)
+    done.write_text(json.dumps(record), encoding="utf-8")
+    return final
 
 
 def _offline_checkpoint(repo_id: str, dest: Path, revision: str | None) -> tuple[Path, str]:
@@ -390,23 +510,9 @@ def download_checkpoint(
         (dest / MANIFEST_NAME).unlink(missing_ok=True)
     for name in selected:
         try:
-            local = hf_hub_download(
-                repo_id,
-                name,
-                revision=commit,
-                local_dir=dest,
-                token=token,
-                endpoint=endpoint,
-            )
+            _fetch_file(repo_id, name, commit, dest, token, endpoint, siblings[name])
         except _HUB_ERRORS as exc:
             raise _translate(exc, repo_id, revision, name) from exc
-        local_path = Path(local)
-        expected = sizes[name]
-        if isinstance(expected, int) and local_path.stat().st_size != expected:
-            raise IntegrityError(
-                f"{name} from {repo_id}@{commit[:12]} is {local_path.stat().st_size} bytes, "
-                f"the Hub lists {expected}."
-            )
 
     _write_manifest(
         dest,

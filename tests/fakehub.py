@@ -23,6 +23,8 @@ Failure modes a test can switch on:
   Model info stays public, as on the Hub.
 * ``served={path: bytes}``: the CDN serves these bytes while every piece of metadata (size, sha256,
   ETag) still describes the original content: a corrupted mirror.
+* ``FakeHub.throttle = bytes_per_second``: content bodies are sent in slices at about that rate
+  (None: as fast as possible), so a test can interrupt a download half-way.
 * ``FakeHub.break_once(repo_id, path)``: the next GET of that file sends the full
   ``Content-Length``, writes half the bytes, then closes the connection.
 
@@ -38,6 +40,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -353,7 +356,10 @@ class _Handler(BaseHTTPRequestHandler):
                     hub._break_next.discard(key)
                     breaking = True
         if not breaking:
-            self._send(status, headers, body, send_body)
+            if send_body and hub.throttle:
+                self._send_throttled(status, headers, body, hub.throttle)
+            else:
+                self._send(status, headers, body, send_body)
             return
         # Promise the whole body, deliver half of it, then hang up.
         self.send_response(status)
@@ -369,6 +375,21 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+    def _send_throttled(self, status: int, headers: dict, body: bytes, rate: float) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        step = 64 * 1024
+        start = time.monotonic()
+        for offset in range(0, len(body), step):
+            self.wfile.write(body[offset : offset + step])
+            self.wfile.flush()
+            ahead = (offset + step) / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
 class FakeHub:
     """Two loopback servers (the Hub and its LFS "CDN") serving in-memory repos.
 
@@ -379,6 +400,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[RecordedRequest] = []
         self._break_next: set[tuple[str, str]] = set()
+        self.throttle: float | None = None  # bytes per second for content bodies
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
