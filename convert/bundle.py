@@ -349,7 +349,5 @@ def _import(store: Store, tf: tarfile.TarFile, force: bool, progress: Progress |
         if isinstance(m.get("chat"), bool) and (not w.in_place or not isinstance(w.manifest.get("chat"), bool)):
             w.manifest["chat"] = m["chat"]
         for name, partial in partials.items():
-            mf = w.add_file(partial, entries[name]["quant"])
-            if mf.sha256 != entries[name]["sha256"]:  # re-hashed by the store: changed on disk meanwhile
-                raise IntegrityError(f"{name} changed on disk while it was imported; nothing was imported")
+            w.add_file(partial, entries[name]["quant"], sha256=entries[name]["sha256"])  # hashed as it streamed in
     return ImportResult(model_id, list(entries), total, already_present=False)

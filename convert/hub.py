@@ -54,6 +54,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
 
+from .store import hash_file, sha256_file, write_json_atomic
 from runtime.errors import (
     DownloadError,
     GatedRepoError,
@@ -105,7 +106,6 @@ _NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?"
 _REPO_ID_RE = re.compile(rf"^{_NAME_PART}/{_NAME_PART}$")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 8 * 1024 * 1024
 # Bookkeeping of resumable downloads inside a checkpoint folder. Hidden, and never named with the
 # store's TMP_MARK: a partial here is kept for the next run, not swept.
 PARTIAL_DIR = ".llamabox-partial"
@@ -293,21 +293,9 @@ def _sibling_size(sibling) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _sha256_file(path: Path) -> str:
-    return _hash_file(path, hashlib.sha256())
-
-
 def _git_blob_sha1(path: Path) -> str:
     """The git object id of a file's content: what the Hub lists as `blobId` for a non-LFS file."""
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    return _hash_file(path, digest)
-
-
-def _hash_file(path: Path, digest) -> str:
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,9 +314,7 @@ def _read_manifest(dest: Path) -> dict | None:
 
 
 def _write_manifest(dest: Path, manifest: dict) -> None:
-    tmp = dest / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, dest / MANIFEST_NAME)
+    write_json_atomic(dest / MANIFEST_NAME, manifest)
 
 
 def _manifest_complete(dest: Path, manifest: dict) -> bool:
@@ -355,7 +341,7 @@ def _content_mismatch(path: Path, size: int | None, sha256: str | None, blob_id:
     if size is not None and actual_size != size:
         return f"is {actual_size} bytes, the Hub lists {size}"
     if sha256 is not None:
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != sha256:
             return f"has sha256 {actual}, the Hub lists {sha256}"
     elif blob_id is not None:
@@ -590,7 +576,7 @@ def download_gguf(spec: str, dest_dir: Path, token: str | None = None) -> tuple[
             f"The Hub lists no sha256 for {filename} in {repo_id} (not an LFS file), so it cannot be verified."
         )
 
-    if target.is_file() and _sha256_file(target) == expected:
+    if target.is_file() and sha256_file(target) == expected:
         logger.info("%s already in %s with the right sha256", basename, dest_dir)
         return target, expected
 
@@ -611,7 +597,7 @@ def download_gguf(spec: str, dest_dir: Path, token: str | None = None) -> tuple[
             )
         except _HUB_ERRORS as exc:
             raise _translate(exc, repo_id, None, filename) from exc
-        actual = _sha256_file(local)
+        actual = sha256_file(local)
         if actual != expected:
             raise IntegrityError(
                 f"{filename} from {repo_id} has sha256 {actual}, but the Hub lists {expected}; "

@@ -75,7 +75,7 @@ def pull(
                 m = _GGUF_QUANT.search(path.name)
                 quant = m.group(1).lower() if m else "gguf"
                 w.source = {**w.source, "sha256": sha}
-                mf = w.add_file(path, quant)
+                mf = w.add_file(path, quant, sha256=sha)  # download_gguf checked these bytes against the Hub
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return [QuantReport(quant, mf.path, mf.size, float("nan"), 0.0)]

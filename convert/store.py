@@ -82,14 +82,18 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return model_id, quant or None
 
 
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
+def hash_file(path: Path, h, progress: Callable[[int], None] | None = None) -> str:
+    """Feed a file to a hashlib object (which may already hold a prefix, as git's blob ids do)."""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             if progress:
                 progress(len(chunk))
     return h.hexdigest()
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    return hash_file(path, hashlib.sha256(), progress)
 
 
 def utc_now() -> str:
@@ -511,10 +515,13 @@ class ModelWrite:
         """Where to write a file (or folder) before it is complete: same folder, so the rename is atomic."""
         return self.folder / f".{name}{TMP_MARK}{os.getpid()}"
 
-    def add_file(self, partial: Path, quant: str) -> ModelFile:
-        """Hash a completed partial file, make it durable, rename it into place, then record it."""
+    def add_file(self, partial: Path, quant: str, sha256: str | None = None) -> ModelFile:
+        """Hash a completed partial file, make it durable, rename it into place, then record it.
+        sha256: the digest when the caller has just computed it from these very bytes (a bundle
+        import hashes while it streams, a Hub download is checked against the Hub's): a multi-GB
+        file is then not read a second time."""
         name = f"{self.model_id}.{quant}.gguf"
-        digest = sha256_file(partial)
+        digest = sha256 or sha256_file(partial)
         size = partial.stat().st_size
         fsync_path(partial)
         final = self.folder / name
