@@ -5,7 +5,14 @@ when the engine is first used, so convert/ and server/ can use the errors alone.
 """
 from .params import Completion, GenerationParams, Result
 
-__all__ = ["Runtime", "RuntimeInfo", "load", "GenerationParams", "Completion", "Result"]
+__all__ = ["Runtime", "RuntimeInfo", "load", "cpu_backend", "GenerationParams", "Completion", "Result"]
+
+
+def cpu_backend():
+    """Which CPU kernels llama.cpp chose for this process (a runtime.backends.CpuBackend)."""
+    from .model import CPU_BACKEND
+
+    return CPU_BACKEND
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from .backends import load_backends
 from .errors import BackendError, InvalidParameter, KVCacheFull, ModelLoadError
 from .params import GenerationParams
 
@@ -36,8 +37,9 @@ def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> Non
         _cpp_log.log(_GGML_LEVELS.get(level, logging.DEBUG), msg)
 
 
-llama_cpp.llama_backend_init()
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+CPU_BACKEND = load_backends()  # before llama_backend_init: see runtime/backends.py
+llama_cpp.llama_backend_init()
 
 DEFAULT_CTX = 4096  # Llama 2's training context
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from runtime import cpu_backend
 from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound, QueueFull
 from runtime.engine import Runtime
 from runtime.params import Result
@@ -134,6 +135,16 @@ def check_auth() -> None:
         ok |= hmac.compare_digest(given.encode(), key.encode())
     if not ok:
         raise ApiError(401, "invalid API key in the Authorization header", {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+
+
+def _authorized() -> bool:
+    """Whether this request may see more than an anonymous probe: it passed the key, or the
+    server has none (then it listens on loopback only, or was told --insecure-no-auth)."""
+    try:
+        check_auth()
+    except ApiError:
+        return False
+    return True
 
 
 def acquire(model_id: str | None = None) -> Runtime:
@@ -257,7 +268,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPo
             return jsonify({"status": "failed" if default.state == "failed" else "loading"}), 503
         if not st.pool.alive or not default.runtime.ready:
             return jsonify({"status": "unavailable"}), 503
-        return jsonify({"status": "ok"})
+        body = {"status": "ok"}
+        if _authorized():  # which CPU kernels llama.cpp chose: for the operator, not for anonymous probes
+            cpu = cpu_backend()
+            body["cpu_backend"] = {"variant": cpu.variant, "features": list(cpu.features)}
+        return jsonify(body)
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):

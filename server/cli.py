@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from runtime import cpu_backend
 from runtime.errors import InvalidParameter, LlamaboxError, ModelNotFound
 from server.settings import Settings, read_api_keys
 
@@ -215,6 +216,7 @@ def cmd_serve(args) -> int:
             server.request_stop()  # a server that cannot load its default model is no server
 
     url = f"http://{settings.host}:{server.effective_port}"
+    print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
     for e in entries:
         print(f"llamabox: serving {e.model_id} from {e.path}", file=sys.stderr)
     print(f"llamabox: POST {url}/predict  (or {url}/{ids[0]}-webhook/predict)", file=sys.stderr)
@@ -284,6 +286,7 @@ def cmd_generate(args) -> int:
     settings.check()
     path, model_id, _, chat, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
+    print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
     rt = _load_runtime(path, model_id, settings, chat)
     try:
         t0 = time.perf_counter()

@@ -56,6 +56,15 @@ def test_health_says_status_only(client):
     assert r.status_code == 200 and r.get_json() == {"status": "ok"}
 
 
+def test_health_with_the_key_names_the_cpu_kernels(client):
+    import runtime
+
+    r = client.get("/health", headers=AUTH)
+    cpu = runtime.cpu_backend()
+    assert r.status_code == 200
+    assert r.get_json()["cpu_backend"] == {"variant": cpu.variant, "features": list(cpu.features)}
+
+
 def raw(url: str, data: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
     """Send bytes as they are; return (status, headers, body) of the answer."""
     host, port = url.removeprefix("http://").split(":")
