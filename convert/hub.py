@@ -4,7 +4,7 @@ Everything goes through `huggingface_hub` (developed against 2.4.0):
 
 * the repo is listed once with `HfApi.model_info` at the requested revision, which pins the commit;
 * only the files a conversion needs (`select_files`) are fetched, pinned to that commit, into a plain
-  folder (real files, no cache symlinks), resumably (see Resuming below); a GGUF with `hf_hub_download`;
+  folder (real files, no cache symlinks), resumably (see Resuming below); a GGUF the same way;
 * the Hub endpoint is `HF_ENDPOINT`, the token is the explicit one or else whatever huggingface_hub
   finds (`HF_TOKEN`, then the `hf auth login` token file);
 * `HF_HUB_OFFLINE` makes this module use only what an earlier download left in `dest`;
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 from urllib.parse import urlsplit
@@ -377,12 +376,13 @@ def _fetch_file(repo_id: str, name: str, commit: str, dest: Path, token: str | N
         if recorded == record and (size is None or final.stat().st_size == size):
             return final
         if (sha256 or blob_id) and _content_mismatch(final, size, sha256, blob_id) is None:
-            state.mkdir(parents=True, exist_ok=True)
+            done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(record), encoding="utf-8")
             return final
 
-    state.mkdir(parents=True, exist_ok=True)
     partial = state / f"{name}.{key[:16]}.incomplete"
+    partial.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders: "Q4_K_M/model.gguf"
+    final.parent.mkdir(parents=True, exist_ok=True)
     for other in state.glob(f"{glob.escape(name)}.*.incomplete"):
         if other != partial:  # another version of the file: useless now
             other.unlink(missing_ok=True)
@@ -539,18 +539,16 @@ def parse_gguf_spec(spec: str) -> tuple[str, str]:
 
 
 def download_gguf(spec: str, dest_dir: Path, token: str | None = None) -> tuple[Path, str]:
-    """Download one GGUF file, 'owner/name:file.gguf', into `dest_dir` and verify its sha256.
+    """Download one GGUF file, 'owner/name:file.gguf', to `dest_dir/file.gguf`, resumably, verified.
 
-    The expected sha256 is the one the Hub lists for the file (its LFS object id). The file is
-    downloaded into a hidden staging folder inside `dest_dir`, hashed, and only then moved to
-    `dest_dir/<basename>`; on a mismatch (IntegrityError) or any other failure nothing is left in
-    `dest_dir`. A file already at the destination with the right sha256 is not downloaded again.
-    Returns (path, sha256).
+    The expected sha256 is the one the Hub lists for the file (its LFS object id); a file without
+    one is refused before downloading. The bytes grow in `dest_dir/PARTIAL_DIR/` as `_fetch_file`
+    describes: an interrupted call (Ctrl-C, kill -9, a dropped connection) leaves the partial, and
+    the next call asks for the rest only. A file that does not verify is deleted and IntegrityError
+    raised. A verified file already at the destination is not downloaded again. Returns (path, sha256).
     """
     repo_id, filename = parse_gguf_spec(spec)
     dest_dir = Path(dest_dir).expanduser().resolve()
-    basename = filename.rsplit("/", 1)[-1]
-    target = dest_dir / basename
 
     if _offline():
         raise DownloadError(
@@ -564,58 +562,31 @@ def download_gguf(spec: str, dest_dir: Path, token: str | None = None) -> tuple[
         info = api.model_info(repo_id, files_metadata=True)
     except _HUB_ERRORS as exc:
         raise _translate(exc, repo_id, None, "the file list") from exc
-    commit = info.sha
     sibling = next((s for s in (info.siblings or []) if s.rfilename == filename), None)
     if sibling is None:
         raise DownloadError(f"{filename} is not in Hugging Face repo {repo_id}.")
-    expected = (sibling.lfs.sha256 if sibling.lfs is not None else None) or ""
-    expected = expected.lower()
-    expected_size = _sibling_size(sibling)
+    expected = ((sibling.lfs.sha256 if sibling.lfs is not None else None) or "").lower()
     if not _SHA256_RE.match(expected):
         raise IntegrityError(
             f"The Hub lists no sha256 for {filename} in {repo_id} (not an LFS file), so it cannot be verified."
         )
-
-    if target.is_file() and sha256_file(target) == expected:
-        logger.info("%s already in %s with the right sha256", basename, dest_dir)
-        return target, expected
-
-    created_dest = not dest_dir.exists()
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    staging = dest_dir / f".{basename}.download"
     try:
-        try:
-            local = Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    revision=commit or None,
-                    local_dir=staging,
-                    token=token,
-                    endpoint=endpoint,
-                )
-            )
-        except _HUB_ERRORS as exc:
-            raise _translate(exc, repo_id, None, filename) from exc
-        actual = sha256_file(local)
-        if actual != expected:
-            raise IntegrityError(
-                f"{filename} from {repo_id} has sha256 {actual}, but the Hub lists {expected}; "
-                "the download is corrupt and has been deleted."
-            )
-        if isinstance(expected_size, int) and local.stat().st_size != expected_size:
-            raise IntegrityError(
-                f"{filename} from {repo_id} is {local.stat().st_size} bytes, the Hub lists {expected_size}."
-            )
-        os.replace(local, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created_dest:
-            try:
-                dest_dir.rmdir()
-            except OSError:
-                pass
+        path = _fetch_file(repo_id, filename, info.sha or "main", dest_dir, token, endpoint, sibling)
+    except _HUB_ERRORS as exc:
+        raise _translate(exc, repo_id, None, filename) from exc
+    except IntegrityError:
+        _remove_empty_dirs(dest_dir / PARTIAL_DIR, dest_dir)
         raise
-    shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Downloaded %s from %s (sha256 %s)", basename, repo_id, expected)
-    return target, expected
+    logger.info("Downloaded %s from %s (sha256 %s)", filename, repo_id, expected)
+    return path, expected
+
+
+def _remove_empty_dirs(leaf: Path, top: Path) -> None:
+    """rmdir leaf and its parents up to and including top, stopping at the first that is not empty."""
+    d = leaf
+    while d == top or top in d.parents:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent

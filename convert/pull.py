@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any, NamedTuple
 
 from runtime.errors import InvalidParameter
 
-from .hub import MODEL_REPOS, download_checkpoint, download_gguf
+from .hub import MODEL_REPOS, PARTIAL_DIR, download_checkpoint, download_gguf, parse_gguf_spec
 from .pipeline import QuantReport, convert, parse_quants
 from .store import Store, check_model_id
 
@@ -67,17 +68,19 @@ def pull(
             chat = known_chat(name, MODEL_REPOS.get(name, ""))
             if chat is not None:  # otherwise the GGUF decides when it is loaded: chat iff it has a template
                 w.manifest["chat"] = chat
-            # The download lives in a partial-marked folder of this write, so an interrupted pull
-            # leaves nothing listed and the next write to the store sweeps it.
+            # The download grows under <home>/downloads/gguf/<repo>/, outside the store's sweep, so
+            # a pull stopped by Ctrl-C, kill -9 or a dropped connection resumes from its bytes when
+            # run again. The verified file then moves (same filesystem) into this write's partial.
+            repo_id, filename = parse_gguf_spec(gguf)
+            downloads = store.home / "downloads" / "gguf" / repo_id.replace("/", "--")
+            path, sha = download_gguf(gguf, downloads)
+            m = _GGUF_QUANT.search(path.name)
+            quant = m.group(1).lower() if m else "gguf"
             staging = w.partial("gguf-download")
-            try:
-                path, sha = download_gguf(gguf, staging)
-                m = _GGUF_QUANT.search(path.name)
-                quant = m.group(1).lower() if m else "gguf"
-                w.source = {**w.source, "sha256": sha}
-                mf = w.add_file(path, quant, sha256=sha)  # download_gguf checked these bytes against the Hub
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            os.replace(path, staging)
+            w.source = {**w.source, "sha256": sha}
+            mf = w.add_file(staging, quant, sha256=sha)  # download_gguf checked these bytes against the Hub
+            (downloads / PARTIAL_DIR / f"{filename}.done").unlink(missing_ok=True)  # its file has moved
         return [QuantReport(quant, mf.path, mf.size, float("nan"), 0.0)]
 
     repo = repo or MODEL_REPOS.get(name)

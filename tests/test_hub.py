@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.utils import close_session
 
-from convert.hub import MODEL_REPOS, download_checkpoint, download_gguf, select_files
+from convert.hub import MODEL_REPOS, PARTIAL_DIR, download_checkpoint, download_gguf, select_files
 from runtime.errors import (
     DownloadError,
     GatedRepoError,
@@ -328,7 +328,7 @@ def test_download_gguf_returns_the_file_and_its_verified_sha256(fake_hub, tmp_pa
     assert path == (tmp_path / "models" / GGUF_NAME).resolve()
     assert path.read_bytes() == data
     assert sha == hashlib.sha256(data).hexdigest()
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [GGUF_NAME]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted([GGUF_NAME, PARTIAL_DIR])  # + our records
 
 
 def test_download_gguf_with_wrong_bytes_raises_integrity_error_and_leaves_nothing(fake_hub, tmp_path):

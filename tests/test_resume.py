@@ -160,3 +160,53 @@ def test_a_corrupt_partial_is_deleted_not_resumed_again(hub, tmp_path):
     assert (folder / BIG).read_bytes() == files[BIG]
     record = json.loads((folder / PARTIAL_DIR / f"{BIG}.done").read_text())
     assert record == {"key": digest, "size": len(files[BIG])}
+
+
+def test_killed_gguf_pull_resumes_and_lands_in_the_store(hub, tmp_path, monkeypatch):
+    gguf = b"GGUF" + os.urandom(4 * constants.DOWNLOAD_CHUNK_SIZE + 99)
+    name, repo = "tiny.Q4_K_M.gguf", "someone/tiny-GGUF"
+    hub.add_repo(repo, {name: gguf})
+    hub.throttle = len(gguf) / 2.0
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLAMABOX_HOME", str(home))
+    partials = home / "downloads" / "gguf" / repo.replace("/", "--") / PARTIAL_DIR
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+         "pull", "g", "--gguf", f"{repo}:{name}"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    kept = 0
+    deadline = time.monotonic() + 15
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(partials.glob(f"{name}.*.incomplete")) if partials.is_dir() else []
+            if found and found[0].stat().st_size >= 0.45 * len(gguf):
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    [partial] = partials.glob(f"{name}.*.incomplete")
+    kept = partial.stat().st_size
+    assert 0.3 * len(gguf) <= kept <= 0.7 * len(gguf)
+
+    store = Store(home, builtin_dir=tmp_path / "none")
+    assert store.list() == []  # nothing half-written is visible
+    store.sweep_partials()
+    assert partial.stat().st_size == kept  # and our clean-up keeps what the rerun resumes
+
+    hub.clear_requests()
+    hub.throttle = None
+    pull_module.pull("g", gguf=f"{repo}:{name}", store=store)
+    assert [g.range for g in hub.content_gets(name)] == [f"bytes={kept}-"]
+    assert _served_bytes(hub, name, len(gguf)) < 0.6 * len(gguf)
+    [mf] = store.list()
+    assert (mf.model_id, mf.quant, mf.sha256) == ("g", "q4_k_m", hashlib.sha256(gguf).hexdigest())
+    assert store.verify("g") == []
+    assert not list(partials.iterdir())  # the finished file moved into the store; no record left behind
