@@ -41,25 +41,59 @@ class TensorRef:
     nbytes: int
 
 
+# The Hugging Face architectures that llama.cpp runs as its "llama" architecture and that
+# llamabox converts: Llama 2 and its fine-tunes, Code Llama, TinyLlama, Mistral-7B (v0.1 has a
+# sliding window, see LlamaConfig.sliding_window).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+# rope_scaling types that llama.cpp's llama architecture computes as transformers does.
+# Others ("dynamic", "longrope", "su", "llama3", ...) are refused by name.
+ROPE_SCALING_TYPES = ("linear", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """config.json's rope_scaling, for the types llama.cpp's llama architecture runs.
+
+    linear: positions are divided by `factor` (Code Llama-style long-context fine-tunes).
+    yarn: frequencies are blended between interpolated and extrapolated by a ramp over the
+    rotary dimensions, set by beta_fast/beta_slow (rotations) at orig_ctx (tokens).
+    The optional yarn fields are None when config.json leaves them out (llama.cpp then uses
+    its defaults, which equal transformers').
+    """
+    kind: str                         # "linear" | "yarn"
+    factor: float                     # context multiplier, > 0
+    orig_ctx: int | None = None       # yarn: original_max_position_embeddings (tokens)
+    ext_factor: float | None = None   # yarn: extrapolation_factor
+    attn_factor: float | None = None  # yarn: attention_factor (or attn_factor)
+    beta_fast: float | None = None    # yarn: rotations where extrapolation starts
+    beta_slow: float | None = None    # yarn: rotations where interpolation ends
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """The hyperparameters conversion needs, from config.json."""
+    arch: str                 # architectures[0]: one of ARCHITECTURES
     n_vocab: int              # vocab_size: rows of embed_tokens / lm_head
     n_embd: int               # hidden_size
     n_ff: int                 # intermediate_size (SwiGLU width)
     n_layer: int              # num_hidden_layers
     n_head: int               # num_attention_heads
-    n_head_kv: int            # num_key_value_heads (GQA; 70B uses 8); = n_head when absent
-    n_ctx_train: int          # max_position_embeddings (Llama 2: 4096)
+    n_head_kv: int            # num_key_value_heads (GQA: TinyLlama 4, Mistral 8, 70B 8); = n_head when absent
+    n_ctx_train: int          # max_position_embeddings (Llama 2: 4096; Code Llama: 16384)
     rms_eps: float            # rms_norm_eps (Llama 2: 1e-5)
-    rope_theta: float         # rope_theta (Llama 2: 10000)
+    rope_theta: float         # rope_theta (Llama 2: 10000, absent from its config; Code Llama: 1e6)
     head_dim: int             # n_embd // n_head unless config gives head_dim
     tie_embeddings: bool      # tie_word_embeddings: no lm_head tensor in the checkpoint
     torch_dtype: str | None   # what the checkpoint says it stores
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # Mistral v0.1: 4096 (tokens); llama.cpp's llama architecture has none
 
 
 def _get(cfg: dict[str, Any], key: str, typ: type, default: Any = None) -> Any:
-    val = cfg.get(key, default)
+    val = cfg.get(key)
+    if val is None:  # absent or null: transformers treats both as "use the default"
+        val = default
     if val is None:
         raise ConversionError(f"config.json: missing {key!r}")
     if typ is float and isinstance(val, int) and not isinstance(val, bool):
@@ -67,6 +101,58 @@ def _get(cfg: dict[str, Any], key: str, typ: type, default: Any = None) -> Any:
     if not isinstance(val, typ) or isinstance(val, bool) and typ is not bool:
         raise ConversionError(f"config.json: {key!r} should be {typ.__name__}, got {val!r}")
     return val
+
+
+def _rope(cfg: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from config.json, read as llama.cpp's reference converter reads them.
+
+    transformers 4.x writes `rope_scaling` ({"type" or "rope_type": ..., "factor": ...}) next to
+    `rope_theta`; 5.x writes `rope_parameters`, which also holds rope_theta. A missing rope_theta
+    is transformers' default, 10000 (Llama 2's config.json has none).
+    """
+    params = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
+    if not isinstance(params, dict):
+        raise ConversionError(f"config.json: rope_scaling should be an object, got {params!r}")
+    if "full_attention" in params or "sliding_attention" in params:
+        raise UnsupportedArchitecture(f"{name}: per-layer rope parameters {sorted(params)} are not a Llama 2 family layout")
+    theta = _get({"rope_theta": params.get("rope_theta", cfg.get("rope_theta"))}, "rope_theta", float, 10000.0)
+    if theta <= 0:
+        raise ConversionError(f"config.json: rope_theta must be positive, got {theta}")
+    kind = params.get("rope_type", params.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind not in ROPE_SCALING_TYPES:
+        raise UnsupportedArchitecture(
+            f"{name}: rope_scaling type {kind!r} is not supported; llama.cpp's llama architecture runs "
+            f"{' and '.join(map(repr, ROPE_SCALING_TYPES))} scaling as transformers does"
+        )
+    factor = _get(params, "factor", float)
+    if factor <= 0:
+        raise ConversionError(f"config.json: rope_scaling factor must be positive, got {factor}")
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor)
+    # yarn. These change transformers' maths in ways llama.cpp does not follow; the reference
+    # converter drops them without a word, which would make the GGUF compute something else.
+    ignored = sorted(k for k in ("mscale", "mscale_all_dim") if params.get(k) is not None)
+    if params.get("truncate") is False:
+        ignored.append("truncate")
+    if ignored:
+        raise UnsupportedArchitecture(f"{name}: rope_scaling yarn with {', '.join(ignored)} is not supported by llama.cpp's llama architecture")
+
+    def opt(*keys: str) -> float | None:
+        for k in keys:
+            if params.get(k) is not None:
+                return _get(params, k, float)
+        return None
+
+    return theta, RopeScaling(
+        "yarn", factor,
+        orig_ctx=_get(params, "original_max_position_embeddings", int),
+        ext_factor=opt("extrapolation_factor"),
+        attn_factor=opt("attention_factor", "attn_factor"),
+        beta_fast=opt("beta_fast"),
+        beta_slow=opt("beta_slow"),
+    )
 
 
 def read_config(folder: Path) -> LlamaConfig:
@@ -80,17 +166,19 @@ def read_config(folder: Path) -> LlamaConfig:
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path} is not a JSON object")
     archs = cfg.get("architectures") or []
-    if archs != ["LlamaForCausalLM"]:
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"{folder.name}: architecture {', '.join(map(str, archs)) or cfg.get('model_type', 'unknown')} is not supported; "
-            "llamabox converts LlamaForCausalLM checkpoints (Llama 2, its fine-tunes, TinyLlama)"
+            "llamabox converts LlamaForCausalLM checkpoints (Llama 2, its fine-tunes, Code Llama, TinyLlama) and MistralForCausalLM"
         )
-    scaling = cfg.get("rope_scaling")
-    if scaling:
-        raise UnsupportedArchitecture(f"{folder.name}: rope_scaling {scaling!r} is not supported (Llama 2 has none)")
+    rope_theta, rope_scaling = _rope(cfg, folder.name)
     n_head = _get(cfg, "num_attention_heads", int)
     n_embd = _get(cfg, "hidden_size", int)
+    sliding_window = cfg.get("sliding_window")
+    if sliding_window is not None:
+        sliding_window = _get(cfg, "sliding_window", int)
     c = LlamaConfig(
+        arch=archs[0],
         n_vocab=_get(cfg, "vocab_size", int),
         n_embd=n_embd,
         n_ff=_get(cfg, "intermediate_size", int),
@@ -99,10 +187,12 @@ def read_config(folder: Path) -> LlamaConfig:
         n_head_kv=_get(cfg, "num_key_value_heads", int, n_head),
         n_ctx_train=_get(cfg, "max_position_embeddings", int),
         rms_eps=_get(cfg, "rms_norm_eps", float),
-        rope_theta=_get(cfg, "rope_theta", float, 10000.0),
+        rope_theta=rope_theta,
         head_dim=_get(cfg, "head_dim", int, n_embd // n_head if n_head else 0),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        rope_scaling=rope_scaling,
+        sliding_window=sliding_window,
     )
     for name in ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train", "head_dim"):
         if getattr(c, name) <= 0:
@@ -111,6 +201,8 @@ def read_config(folder: Path) -> LlamaConfig:
         raise ConversionError(
             f"config.json: inconsistent attention shape (hidden {c.n_embd}, heads {c.n_head}, kv heads {c.n_head_kv}, head_dim {c.head_dim})"
         )
+    if c.sliding_window is not None and c.sliding_window <= 0:
+        raise ConversionError(f"config.json: sliding_window must be positive, got {c.sliding_window}")
     return c
 
 
@@ -173,11 +265,13 @@ def index_tensors(folder: Path) -> dict[str, TensorRef]:
         if bins:
             return _index_torch_bins(bins)
         raise ConversionError(f"{folder} has no *.safetensors weights")
+    # Shard by shard in name order, each shard's tensors in name order: the order in which
+    # llama.cpp's reference converter writes them, so our GGUF lays its tensors out the same way.
     refs: dict[str, TensorRef] = {}
     for f in files:
         if not f.is_file():
             raise ConversionError(f"missing shard {f.name}")
-        for r in _read_safetensors_header(f):
+        for r in sorted(_read_safetensors_header(f), key=lambda r: r.name):
             if r.name in refs:
                 raise ConversionError(f"tensor {r.name!r} appears in two shards")
             refs[r.name] = r

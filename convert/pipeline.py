@@ -1,4 +1,9 @@
-"""HF checkpoint -> F16 GGUF -> quantized GGUFs, into the store or a folder.
+"""HF checkpoint -> lossless GGUF -> quantized GGUFs, into the store or a folder.
+
+The intermediate GGUF keeps the checkpoint's weights exactly: BF16 for a BF16 checkpoint, F16
+for an F16 one, F32 otherwise, so no quantized output depends on F16's range. The float
+outputs `f16` and `bf16` are written straight from the checkpoint (or copied from the
+intermediate when it already is that type); `f16` reports the weights beyond F16's range.
 
 Every file is written under a partial name and renamed only when complete, so
 an interrupted conversion leaves nothing that `llamabox list` shows; the next
@@ -23,11 +28,15 @@ from runtime.quantize import QUANT_TYPES, quantize
 from .checkpoint import index_tensors, read_config
 from .hf_to_gguf import export_gguf
 from .store import TMP_MARK, Store, check_model_id, fsync_path, sha256_file, source_fingerprint
+from .vocab import tokenizer_model
 
 log = logging.getLogger(__name__)
 
-# A progress callback: (done, total) in units of tensors for the F16 pass.
+# A progress callback: (done, total) in units of tensors for the intermediate GGUF's pass.
 Progress = Callable[[int, int], None]
+
+# Output types our exporter writes itself (llama.cpp's quantizer makes the others).
+FLOAT_TYPES = ("f16", "bf16")
 
 
 @dataclass
@@ -37,15 +46,17 @@ class QuantReport:
     size_bytes: int
     bits_per_weight: float
     seconds: float
+    f16_overflow: int = 0  # f16 only: weights beyond ±65504 in the checkpoint, written as ±65504 (see ExportReport)
 
 
 def parse_quants(spec: str) -> list[str]:
     quants = [q.strip().lower() for q in spec.split(",") if q.strip()]
     if not quants:
         raise InvalidParameter("quant", "name at least one quantization type")
+    known = list(QUANT_TYPES) + [t for t in FLOAT_TYPES if t not in QUANT_TYPES]
     for q in quants:
-        if q not in QUANT_TYPES:
-            raise InvalidParameter("quant", f"{q!r} is not one of {', '.join(QUANT_TYPES)}")
+        if q not in known:
+            raise InvalidParameter("quant", f"{q!r} is not one of {', '.join(known)}")
     return list(dict.fromkeys(quants))
 
 
@@ -63,23 +74,34 @@ def has_chat_template(src: Path) -> bool:
     return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
 
 
-def _check_disk(folder: Path, n_params: int, quants: list[str]) -> None:
-    # F16 intermediate (2 bytes/weight) plus each output (at most 2 bytes/weight), plus 5% slack.
-    need = int(n_params * 2 * (1 + len(quants)) * 1.05)
+def _check_disk(folder: Path, n_params: int, quants: list[str], intermediate: str) -> None:
+    # The intermediate (2 or 4 bytes/weight) plus each output (at most 2 bytes/weight), plus 5% slack.
+    need = int(n_params * (_BYTES[intermediate] + 2 * len(quants)) * 1.05)
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ConversionError(f"not enough disk in {folder}: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
 
 
-def _count_params(src: Path) -> int:
-    read_config(src)  # refuse non-Llama before counting anything
-    n = 0
+_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def _inspect(src: Path) -> tuple[int, str]:
+    """(number of weights, lossless intermediate type) of a checkpoint, from its headers only."""
+    read_config(src)  # refuse non-Llama, and tokenizers we cannot convert, before counting anything
+    tokenizer_model(src)
+    n, dtypes = 0, set()
     for ref in index_tensors(src).values():
         k = 1
         for d in ref.shape:
             k *= d
         n += k
-    return n
+        if len(ref.shape) > 1:  # norms are written as F32 whatever the checkpoint stores
+            dtypes.add(ref.dtype)
+    if dtypes == {"BF16"}:
+        return n, "bf16"
+    if dtypes == {"F16"}:
+        return n, "f16"
+    return n, "f32"  # F32, mixed, or PyTorch .bin files (whose dtypes the index does not say)
 
 
 def checkpoint_fingerprint(src: Path) -> str:
@@ -136,7 +158,7 @@ def convert(
     if (store is None) == (out_dir is None):
         raise ValueError("give exactly one of store and out_dir")
     model_id = check_model_id(model_id) if model_id else model_id_for(src)  # also names files in out_dir
-    n_params = _count_params(src)
+    n_params, intermediate = _inspect(src)
     if store is None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -148,7 +170,7 @@ def convert(
             return final
 
         try:
-            return _convert_into(src, out_dir, model_id, quants, n_params, place, n_threads, progress)
+            return _convert_into(src, out_dir, model_id, quants, n_params, intermediate, place, n_threads, progress)
         finally:
             for p in out_dir.glob(f"*{TMP_MARK}{os.getpid()}"):
                 p.unlink(missing_ok=True)
@@ -158,34 +180,40 @@ def convert(
         source["fingerprint"] = checkpoint_fingerprint(src)
     with store.writing(model_id, source, force=force) as w:
         w.manifest["chat"] = has_chat_template(src) if chat is None else chat
-        return _convert_into(src, w.folder, model_id, quants, n_params, lambda partial, q: w.add_file(partial, q).path,
-                             n_threads, progress)
+        return _convert_into(src, w.folder, model_id, quants, n_params, intermediate,
+                             lambda partial, q: w.add_file(partial, q).path, n_threads, progress)
 
 
-def _convert_into(src: Path, work: Path, model_id: str, quants: list[str], n_params: int,
+def _convert_into(src: Path, work: Path, model_id: str, quants: list[str], n_params: int, intermediate: str,
                   place: Callable[[Path, str], Path], n_threads: int, progress: Progress | None) -> list[QuantReport]:
-    """Write the F16 GGUF and each quantized file as partials in `work`; `place` puts each finished one."""
-    _check_disk(work, n_params, quants)
+    """Write the intermediate GGUF and each output as partials in `work`; `place` puts each finished one."""
+    _check_disk(work, n_params, quants, intermediate)
     n_threads = n_threads or (os.cpu_count() or 1)
-    f16 = work / f".{model_id}.intermediate-f16.gguf{TMP_MARK}{os.getpid()}"
+    inter = work / f".{model_id}.intermediate-{intermediate}.gguf{TMP_MARK}{os.getpid()}"
     reports: list[QuantReport] = []
     try:
-        t0 = time.monotonic()
-        export_gguf(src, f16, "f16", name=model_id, progress=progress)
-        f16_seconds = time.monotonic() - t0
+        made = {}  # float type -> (path, seconds, f16 overflow) of a GGUF written from the checkpoint
+        if any(q not in FLOAT_TYPES or q == intermediate for q in quants):
+            t0 = time.monotonic()
+            r = export_gguf(src, inter, intermediate, progress=progress)
+            made[intermediate] = (inter, time.monotonic() - t0, r.f16_overflow)
         for q in quants:
             t0 = time.monotonic()
             partial = work / f".{model_id}.{q}.gguf{TMP_MARK}{os.getpid()}"
-            if q == "f16":
-                shutil.copyfile(f16, partial)
-                seconds = f16_seconds
+            overflow = 0
+            if q in made:
+                shutil.copyfile(made[q][0], partial)
+                seconds, overflow = made[q][1], made[q][2]
+            elif q in FLOAT_TYPES:
+                overflow = export_gguf(src, partial, q, progress=None if made else progress).f16_overflow
+                seconds = time.monotonic() - t0
             else:
-                quantize(f16, partial, q, n_threads)
+                quantize(inter, partial, q, n_threads)
                 seconds = time.monotonic() - t0
             size = partial.stat().st_size
             final = place(partial, q)
-            reports.append(QuantReport(q, final, size, size * 8 / n_params, seconds))
+            reports.append(QuantReport(q, final, size, size * 8 / n_params, seconds, overflow))
             log.info("%s %s: %.1f MiB, %.2f bits/weight, %.1fs", model_id, q, size / 2**20, size * 8 / n_params, seconds)
     finally:
-        f16.unlink(missing_ok=True)
+        inter.unlink(missing_ok=True)
     return reports

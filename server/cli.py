@@ -424,6 +424,10 @@ def _print_reports(reports) -> None:
     print(f"{'quant':8} {'size MiB':>10} {'bits/weight':>12} {'seconds':>8}  file")
     for r in reports:
         print(f"{r.quant:8} {r.size_bytes / 2**20:10.1f} {r.bits_per_weight:12.2f} {r.seconds:8.1f}  {r.path}")
+    for r in reports:
+        if r.f16_overflow:
+            print(f"{r.quant}: {r.f16_overflow} weights are beyond F16's range (±65504) and were written as ±65504; "
+                  "--quant bf16 keeps them")
 
 
 def cmd_list(args) -> int:
@@ -613,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a local HF folder (or a Hub repo id) to quantized GGUF")
     p.add_argument("src")
-    p.add_argument("--quant", default="q4_k_m", help="comma-separated types, e.g. q4_k_m,q8_0 (default q4_k_m)")
+    p.add_argument("--quant", default="q4_k_m",
+                   help="comma-separated types, e.g. q4_k_m,q8_0; f16 and bf16 are unquantized (default q4_k_m)")
     p.add_argument("--out", help="write the GGUF files into this folder instead of the store")
     p.add_argument("--id", help="store id (default: from the folder name)")
     p.add_argument("--revision", help="with a repo id: branch, tag or commit")

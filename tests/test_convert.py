@@ -152,9 +152,9 @@ def test_non_llama_architecture_is_refused(tmp_path):
     folder = tmp_path / "hf"
     make_tiny_llama(folder, TINY)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedArchitecture, match="MistralForCausalLM"):
+    with pytest.raises(UnsupportedArchitecture, match="Qwen2ForCausalLM"):
         export_gguf(folder, tmp_path / "x.gguf")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,23 @@ class TinyConfig:
     rms_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.05   # weight scale; large enough that logits are not flat
+    rope_scaling: str | None = None  # None, "linear" or "yarn" (config.json's rope_scaling type)
+    rope_factor: float = 1.0         # rope_scaling factor
+    rope_orig_ctx: int = 0           # yarn: original_max_position_embeddings (tokens)
+    sliding_window: int | None = None  # Mistral: each position attends to itself and the window - 1 before it
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def hf_rope_scaling(self) -> dict | None:
+        """config.json's rope_scaling for this config (transformers 4.x spelling)."""
+        if self.rope_scaling is None:
+            return None
+        d = {"type": self.rope_scaling, "factor": self.rope_factor}
+        if self.rope_scaling == "yarn":
+            d["original_max_position_embeddings"] = self.rope_orig_ctx
+        return d
 
 
 def train_tokenizer(folder: Path, n_vocab: int) -> None:
@@ -163,6 +181,7 @@ def make_tiny_llama(folder: Path, cfg: TinyConfig = TinyConfig(), dtype: str = "
         "vocab_size": cfg.n_vocab, "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_ff,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head_kv,
         "max_position_embeddings": cfg.n_ctx_train, "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.hf_rope_scaling(),
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
         "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype],
     }
@@ -210,16 +229,43 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
+def rope_inv_freq(cfg: TinyConfig) -> tuple[np.ndarray, float]:
+    """(inverse frequencies (head_dim/2,) in radians per position, cos/sin scale), as transformers'
+    modeling_rope_utils computes them for rope_scaling None, "linear" and "yarn"."""
+    hd, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (np.arange(0, hd, 2) / hd))
+    if cfg.rope_scaling is None:
+        return inv_freq, 1.0
+    if cfg.rope_scaling == "linear":  # positions divided by factor
+        return inv_freq / cfg.rope_factor, 1.0
+    assert cfg.rope_scaling == "yarn", cfg.rope_scaling
+    # YaRN with transformers' defaults (beta_fast 32, beta_slow 1, truncate): dimensions that turn
+    # fewer than beta_slow times over the original context are interpolated (divided by factor),
+    # those that turn more than beta_fast times are kept, and a linear ramp blends those between.
+    factor, orig = cfg.rope_factor, cfg.rope_orig_ctx
+
+    def corr_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over `orig` positions
+        return hd * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr_dim(32)), 0), min(math.ceil(corr_dim(1)), hd - 1)
+    ramp = np.clip((np.arange(hd // 2) - low) / ((high - low) or 0.001), 0, 1)   # 0: keep, 1: interpolate
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq, (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+
 def reference_logits(w: dict[str, np.ndarray], cfg: TinyConfig, tokens: list[int]) -> np.ndarray:
-    """Logits (T, n_vocab) for every position of `tokens`, as transformers' LlamaForCausalLM computes them."""
+    """Logits (T, n_vocab) for every position of `tokens`, as transformers' LlamaForCausalLM computes them
+    (MistralForCausalLM with cfg.sliding_window)."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
-    T, hd = len(tokens), cfg.n_embd // cfg.n_head
+    T, hd = len(tokens), cfg.head_dim
     group = cfg.n_head // cfg.n_head_kv
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2) / hd))           # (hd/2,)
+    inv_freq, scale = rope_inv_freq(cfg)                                       # (hd/2,)
     freqs = np.outer(np.arange(T), inv_freq)                                   # (T, hd/2)
     emb = np.concatenate([freqs, freqs], axis=-1)                              # (T, hd)
-    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]                # (T, 1, hd)
+    cos, sin = scale * np.cos(emb)[:, None, :], scale * np.sin(emb)[:, None, :]  # (T, 1, hd)
     mask = np.triu(np.full((T, T), -np.inf), k=1)
+    if cfg.sliding_window:
+        mask += np.tril(np.full((T, T), -np.inf), k=-cfg.sliding_window)      # key more than window - 1 back
 
     h = w["model.embed_tokens.weight"][tokens]                                 # (T, e)
     for i in range(cfg.n_layer):
