@@ -40,6 +40,7 @@ class RuntimeInfo:
     n_ctx_train: int
     n_threads: int
     n_parallel: int        # sequences decoded together at most (also the num_return_sequences cap)
+    kv_type: str           # KV cache element type ("f16", "q8_0", ...)
     chat: bool             # prompts are wrapped in the model's chat template
     chat_template_source: str  # where that template came from: "gguf", "file" (load's chat_template), "none"
     load_seconds: float
@@ -63,6 +64,7 @@ class Runtime:
         self.info = RuntimeInfo(
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
+            kv_type=model.config.kv_type,
             chat=self.chat, chat_template_source=template.origin if template else "none", load_seconds=load_seconds,
         )
 
@@ -216,6 +218,7 @@ def load(
     use_mmap: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     compute=None,
+    kv_type: str = "f16",
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
 
@@ -223,12 +226,13 @@ def load(
     chat=None: a chat model iff there is a template (chat_template, else the GGUF's);
     chat=True: the same, but no template is a ModelLoadError (the caller knows it is a chat model);
     chat=False: plain completion, whatever the GGUF holds (a base model whose repo ships a template).
+    kv_type: the KV cache's element type (runtime.kv_types.KV_CACHE_TYPES); q8_0 halves its memory.
     """
     path = Path(path)
     model_id = model_id or path.stem
     t0 = time.monotonic()
     config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache,
-                        use_mmap=use_mmap)
+                        use_mmap=use_mmap, kv_type=kv_type)
     model = LlamaModel(path, config)
     try:
         template = _chat_template(model, chat, chat_template)
@@ -237,8 +241,8 @@ def load(
     except BaseException:
         model.close()
         raise
-    log.info("loaded %s (%s) on %s in %.2fs: n_ctx %d, %d threads, %d parallel sequences, chat template: %s",
-             model_id, path.name, rt.info.backend, rt.info.load_seconds, rt.info.n_ctx, rt.info.n_threads, n_parallel,
+    log.info("loaded %s (%s) on %s in %.2fs: n_ctx %d (%s KV), %d threads, %d parallel sequences, chat template: %s",
+             model_id, path.name, rt.info.backend, rt.info.load_seconds, rt.info.n_ctx, kv_type, rt.info.n_threads, n_parallel,
              rt.info.chat_template_source)
     return rt
 

@@ -61,6 +61,8 @@ class LoadConfig:
                                # resident beside that copy: 7B Q4_K_M measured 7,120 MiB RSS
                                # mapped, 4,222 MiB read, same decode step time. Mapping loads
                                # types that are not repacked faster and lets processes share them.
+    kv_type: str = "f16"       # element type of the K and V cache (runtime/kv_types.py). Quantized types
+                               # turn flash attention on (llama.cpp needs it for a quantized V cache)
 
 
 def backend_name() -> str:
@@ -98,6 +100,10 @@ class LlamaModel:
                 "(llama_supports_gpu_offload() is false). Use --gpu-layers 0, or reinstall llama-cpp-python "
                 "with CMAKE_ARGS='-DGGML_CUDA=on' (or -DGGML_METAL=on)."
             )
+        # (imported here, not at the top of the module: that part belongs to backend loading)
+        from .kv_types import KV_CACHE_TYPES, UNQUANTIZED, check_kv_type
+
+        check_kv_type(config.kv_type)  # InvalidParameter("kv_type", ...) names the flag
         check_gguf_header(self.path)
 
         mparams = llama_cpp.llama_model_default_params()
@@ -121,12 +127,20 @@ class LlamaModel:
             cparams.n_ubatch = config.n_batch
             cparams.n_seq_max = config.n_seq_max
             cparams.kv_unified = True
+            cparams.type_k = cparams.type_v = KV_CACHE_TYPES[config.kv_type]
+            if config.kv_type not in UNQUANTIZED:
+                # Asked for, not left to "auto": without flash attention a quantized V cache fails.
+                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             n_threads = config.n_threads or (os.cpu_count() or 1)
             cparams.n_threads = n_threads
             cparams.n_threads_batch = n_threads
             self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
             if not self._ctx:
-                raise ModelLoadError(f"llama.cpp could not create a context of {config.n_ctx} tokens for {self.path}")
+                why = ""
+                if config.kv_type not in UNQUANTIZED:
+                    why = (f" with a {config.kv_type} KV cache (--kv-type; it needs flash attention and head sizes that are"
+                           " a multiple of the type's block, 32; see the log)")
+                raise ModelLoadError(f"llama.cpp could not create a context of {config.n_ctx} tokens for {self.path}{why}")
             self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
             self.n_threads = n_threads
             self._mem = llama_cpp.llama_get_memory(self._ctx)
@@ -193,6 +207,25 @@ class LlamaModel:
 
     def clear_memory(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
+
+    def seq_pos_max(self, seq: int) -> int:
+        """The highest position sequence `seq` holds in the KV cache; -1 if it holds no cells."""
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq)
+
+    def seq_state(self, seq: int) -> bytearray:
+        """A host copy of sequence `seq`'s KV cells (positions and K/V rows of every layer)."""
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buf = bytearray(n)
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, (ctypes.c_uint8 * n).from_buffer(buf), n, seq)
+        if got != n:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {got} of {n} bytes for sequence {seq}")
+        return buf
+
+    def set_seq_state(self, seq: int, state: bytearray) -> bool:
+        """Put a seq_state() copy back as sequence `seq` (in whichever cells are free); False if
+        llama.cpp found no room for it (the KV cache is then as it was, less `seq`'s old cells)."""
+        n = len(state)
+        return llama_cpp.llama_state_seq_set_data(self._ctx, (ctypes.c_uint8 * n).from_buffer(state), n, seq) > 0
 
     def new_sampler(self, params: GenerationParams, seed: int, history: list[int]) -> "Sampler":
         return Sampler(self, params, seed, history)

@@ -12,20 +12,22 @@ whether it advances one sequence or eight. So:
   * a job that arrives while others run joins the batch: its prompt is evaluated
     in chunks of at most `prefill_chunk` tokens that ride in the same llama_decode
     as the running sequences' next tokens, so a long prompt never freezes them;
-  * evaluated prompts stay tagged with spare "cache" sequence ids, so a later
-    prompt that starts with the same tokens copies them instead of recomputing.
+  * evaluated prompts are kept (runtime/prefix_cache.py: in the KV cache while a job
+    shares them, in host memory otherwise), so a later prompt that starts with the same
+    tokens copies them instead of recomputing.
 
 Admission: at most n_parallel + queue_size requests are in the runtime at once
 (running, evaluating their prompt, or waiting); the next submit() gets QueueFull.
 The count does not depend on how far the worker has got, so it is exact.
 
 KV budget: the context has n_ctx cells shared by all sequences. Each cache entry
-counts its length; a job reserves prompt + n * max_length cells, less the prompt
-cells it shares with cache entries (those entries are pinned while it runs, so
-the cells stay accounted for). If llama.cpp still finds no slot (llama_decode
-returns 1, e.g. after fragmentation), that is back-pressure, not a failure: the
-worker evicts cache entries, then puts a prompt being evaluated back in line,
-and only then fails the youngest running request with KVCacheFull (a 503).
+in the KV cache counts its length; a job reserves prompt + n * max_length cells,
+less the prompt cells it shares with a cache entry (the entry is pinned, so in the
+KV cache, while the job runs), plus the entry's length when it has to be copied
+back from host memory. If llama.cpp still finds no slot (llama_decode returns 1,
+e.g. after fragmentation), that is back-pressure, not a failure: the worker puts a
+prompt being evaluated back in line, and only then fails the youngest running
+request with KVCacheFull (a 503).
 
 The worker's owner: if the worker thread ever stops on an unexpected error,
 `dead` says why, every waiting request fails at once, and submit() refuses new
@@ -46,6 +48,7 @@ from typing import Callable
 from .errors import InvalidParameter, KVCacheFull, QueueFull, ShuttingDown, WorkerDied
 from .model import MAX_SEED, LlamaModel, Sampler
 from .params import Completion, GenerationParams, Result
+from .prefix_cache import CacheEntry, PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -97,27 +100,11 @@ class _Seq:
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
-@dataclass(eq=False)
-class _CacheEntry:
-    seq_id: int
-    tokens: list[int]
-    last_used: float
-    pins: int = 0           # running jobs sharing these cells: an entry is never evicted while pinned
-
-
 def _cancel(future: Future) -> None:
     """Cancel a job's future and wake everything that waits on it: Future.cancel() alone leaves
     concurrent.futures.wait() callers asleep (they are notified by set_running_or_notify_cancel)."""
     if future.cancel():
         future.set_running_or_notify_cancel()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -136,8 +123,9 @@ class Scheduler:
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, waiting for room
         self._free_ids = list(range(n_parallel))
-        self._free_cache_ids = list(range(n_parallel, n_parallel + n_cache))
-        self._cache: list[_CacheEntry] = []
+        # Host copies of parked entries take at most as many tokens as the context has cells.
+        self.cache = PrefixCache(model, list(range(n_parallel, n_parallel + n_cache)), max_tokens=model.n_ctx,
+                                 min_restore=min_cached_prompt)
         self._active: list[_Seq] = []        # sequences generating
         self._prefill: list[Job] = []        # admitted jobs whose prompts are being evaluated, oldest first
         self._jobs: dict[int, tuple[Job, list[_Seq]]] = {}  # id(job) -> (job, its sequences)
@@ -224,8 +212,8 @@ class Scheduler:
     def gauges(self) -> dict[str, int]:
         """A snapshot for /metrics (read from another thread: each value is one read, fine for gauges)."""
         return {"waiting": max(0, self._inflight - len(self._jobs)), "active_sequences": len(self._active),
-                "prefilling": len(self._prefill), "kv_cells_reserved": self._reserved + self._cache_cells(),
-                "kv_cells_total": self.model.n_ctx, "cache_entries": len(self._cache)}
+                "prefilling": len(self._prefill), "kv_cells_reserved": self._reserved + self.cache.resident_cells(),
+                "kv_cells_total": self.model.n_ctx, "cache_entries": len(self.cache.entries)}
 
     # --- worker thread -----------------------------------------------------------
 
@@ -286,55 +274,31 @@ class Scheduler:
                 self._count_cancelled()
                 _cancel(job.future)
                 continue
-            if not self._make_room(job):
+            plan = self._plan(job)
+            if plan is None:
                 return
             self._waiting.popleft()
             try:
-                self._begin(job)
+                self._begin(job, *plan)
             except Exception as e:  # this request's own problem (its sampler, say): fail it alone
                 log.exception("starting a request failed")
                 self._finish_job(job, error=e)
 
-    def _cache_cells(self) -> int:
-        return sum(len(e.tokens) for e in self._cache)
-
-    def _best_prefix(self, tokens: list[int]) -> tuple[_CacheEntry | None, int]:
-        """The cache entry sharing the longest prefix, and how many tokens can be reused
-        (never the whole prompt: its last token is evaluated to get logits)."""
-        best = max(self._cache, key=lambda e: _common_prefix(e.tokens, tokens), default=None)
-        if best is None:
-            return None, 0
-        return best, min(_common_prefix(best.tokens, tokens), len(tokens) - 1)
-
-    def _make_room(self, job: Job) -> bool:
+    def _plan(self, job: Job) -> tuple[CacheEntry | None, int] | None:
+        """None if the job has to wait; else the cache entry it will share (or None) and how many
+        of its prompt tokens that entry gives. Cells: what running jobs reserve, plus entries in
+        the KV cache, plus this job's cells less the shared ones, plus a parked entry's length."""
         if len(self._free_ids) < job.params.num_return_sequences:
-            return False
-        best, shared = self._best_prefix(job.tokens)
-        need = job.cells_needed - shared
-        while self._reserved + self._cache_cells() + need > self.model.n_ctx:
-            victims = [e for e in self._cache if e.pins == 0 and e is not best]
-            if victims:
-                self._evict(min(victims, key=lambda e: e.last_used))
-            elif best is not None and best.pins == 0:
-                self._evict(best)  # the prefix we hoped to reuse has to go after all
-                best, need = None, job.cells_needed
-            else:
-                return False
-        return True
+            return None
+        used = self._reserved + self.cache.resident_cells()
+        best, shared = self.cache.best(job.tokens)
+        if best is not None and used + job.cells_needed - shared + self.cache.restore_cells(best) <= self.model.n_ctx:
+            return best, shared
+        if used + job.cells_needed <= self.model.n_ctx:
+            return None, 0  # no room to bring a parked prefix back: evaluate the whole prompt
+        return None
 
-    def _evict(self, entry: _CacheEntry) -> None:
-        self.model.seq_remove(entry.seq_id)
-        self._cache.remove(entry)
-        self._free_cache_ids.append(entry.seq_id)
-
-    def _evict_lru(self) -> bool:
-        victims = [e for e in self._cache if e.pins == 0]
-        if not victims:
-            return False
-        self._evict(min(victims, key=lambda e: e.last_used))
-        return True
-
-    def _begin(self, job: Job) -> None:
+    def _begin(self, job: Job, best: CacheEntry | None, start: int) -> None:
         """Give an admitted job its sequences and budget, copy its cached prefix, queue its prompt."""
         p = job.params
         samplers: list[Sampler] = []
@@ -349,14 +313,12 @@ class Scheduler:
         ids = [s.seq_id for s in seqs]
         self._jobs[id(job)] = (job, seqs)
         # Reuse the longest cached prefix; at least one token is always evaluated for logits.
-        best, start = self._best_prefix(job.tokens)
+        if best is not None and not self.cache.share(best, ids[0], start):
+            start = 0  # llama.cpp found no cells to put the parked prefix back
+        if start > 0:
+            job.pinned.append(best)
         job.reserved = job.cells_needed - start
         self._reserved += job.reserved
-        if start > 0:
-            self.model.seq_copy(best.seq_id, ids[0], 0, start)
-            best.last_used = time.monotonic()
-            best.pins += 1
-            job.pinned.append(best)
         job.cursor = job.reused = start
         log.debug("prompt of %d tokens, %d reused from the prefix cache", len(job.tokens), start)
         self.stats["prompt_tokens_reused"] += start
@@ -399,11 +361,10 @@ class Scheduler:
                 self._compute(lambda: self.model.decode(entries))
                 break
             except KVCacheFull as e:
-                # Back-pressure, in order of least harm: drop a cached prompt, put the prompt being
-                # evaluated back in line, fail the youngest running request.
+                # Back-pressure, in order of least harm: put the prompt being evaluated back in line,
+                # fail the youngest running request. (The prefix cache has no cells to give: an entry
+                # is in the KV cache only while a running job shares it.)
                 self.stats["kv_full_retries"] += 1
-                if self._evict_lru():
-                    continue
                 if pre is not None and gen:
                     log.info("no KV slot: prompt of %d tokens goes back in line", len(pre.tokens))
                     self._requeue(pre)
@@ -446,16 +407,14 @@ class Scheduler:
         so remembering costs the budget only the `start` cells it shares with another entry.
         """
         tokens = job.tokens
-        if len(tokens) < self.min_cached_prompt or any(e.tokens == tokens for e in self._cache):
-            return
-        if not self._free_cache_ids and not self._evict_lru():
+        if len(tokens) < self.min_cached_prompt or self.cache.holds(tokens):
             return
         own = len(tokens) - job.reused  # the cells this job evaluated itself
-        if self._reserved - own + self._cache_cells() + len(tokens) > self.model.n_ctx:
+        if self._reserved - own + self.cache.resident_cells() + len(tokens) > self.model.n_ctx:
             return
-        entry = _CacheEntry(self._free_cache_ids.pop(), list(tokens), time.monotonic(), pins=1)
-        self.model.seq_copy(s0, entry.seq_id, 0, len(tokens))
-        self._cache.append(entry)
+        entry = self.cache.add(tokens, s0)
+        if entry is None:
+            return
         job.pinned.append(entry)
         job.reserved -= own
         self._reserved -= own
@@ -546,8 +505,8 @@ class Scheduler:
                 self._active.remove(s)
         self._reserved -= job.reserved
         job.reserved = 0
-        for e in job.pinned:
-            e.pins -= 1
+        for e in job.pinned:  # after the job's own cells are gone: the last one out parks the entry
+            self.cache.unpin(e)
         job.pinned.clear()
         return seqs
 
@@ -570,8 +529,7 @@ class Scheduler:
             job.future.set_result(Result([Completion(s.text, n_prompt, s.n_generated, s.finish) for s in seqs], seed=job.seed))
 
     def _fail_all(self, error: BaseException) -> None:
+        self.cache.clear()  # first: nothing is parked from a KV cache that a failed decode left behind
         for job, _ in list(self._jobs.values()):
             self._finish_job(job, error=error)
-        for e in list(self._cache):
-            self._evict(e)
         self.model.clear_memory()

@@ -85,7 +85,8 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
                                                     f"{getattr(e, 'strerror', None) or e}") from None
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
-                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute)
+                prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute,
+                kv_type=settings.kv_type)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -158,7 +159,7 @@ def cmd_serve(args) -> int:
     refs = refs or [DEMO_ID]
     settings = Settings(
         models=tuple(refs), host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
-        insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx,
+        insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, kv_type=args.kv_type,
         mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
@@ -282,7 +283,7 @@ def cmd_generate(args) -> int:
     if args.system is not None:
         body["system_prompt"] = args.system
     settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
-                        chat_template=args.chat_template, no_chat=args.no_chat)
+                        chat_template=args.chat_template, no_chat=args.no_chat, kv_type=args.kv_type)
     settings.check()
     path, model_id, _, chat, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
@@ -314,7 +315,7 @@ def cmd_chat(args) -> int:
     from server.validation import as_float, as_int
 
     settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
-                        chat_template=args.chat_template, no_chat=args.no_chat)
+                        chat_template=args.chat_template, no_chat=args.no_chat, kv_type=args.kv_type)
     settings.check()
     temperature = as_float("temperature", args.temperature, 0.0, 5.0)
     max_tokens = as_int("max_tokens", args.max_tokens, 1, 1_000_000)
@@ -541,6 +542,9 @@ def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")
     p.add_argument("--ctx", type=int, default=0,
                    help="context size in tokens, shared by running sequences (default: the model's, at most 4096)")
+    p.add_argument("--kv-type", default="f16",
+                   help="KV cache type: f16 (default), q8_0 (half the memory), q4_0, q4_1, q5_0, q5_1, iq4_nl, bf16, f32; "
+                        "quantized types turn flash attention on")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat-template", metavar="FILE",
                       help="a Jinja chat template (Hugging Face's format) to use instead of the model's own")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import InvalidParameter
+from runtime.kv_types import check_kv_type
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Settings:
     gpu_layers: int = 0               # layers offloaded to Metal/CUDA; -1 = all
     mmap: bool = False                # map the GGUF instead of reading it (see runtime.model.LoadConfig.use_mmap)
     n_ctx: int = 0                    # context (KV cells) shared by running sequences; 0 = the model's (<= 4096)
+    kv_type: str = "f16"              # KV cache element type (runtime.kv_types.KV_CACHE_TYPES): f16, q8_0, q4_0, ...
     n_parallel: int = 4               # sequences decoded together; also caps num_return_sequences
     queue_size: int = 16              # requests waiting beyond the running batch before 503
     max_body_bytes: int = 1 << 20     # larger request bodies get 413
@@ -68,6 +70,7 @@ class Settings:
             raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:
             raise InvalidParameter("ctx", f"must be 0 (the model's) or positive, got {self.n_ctx}")
+        check_kv_type(self.kv_type)
         if self.log_format not in ("text", "json"):
             raise InvalidParameter("log_format", f"must be text or json, got {self.log_format!r}")
         for name in ("idle_timeout_s", "read_timeout_s", "drain_timeout_s"):

@@ -211,7 +211,7 @@ def test_prefix_cache_works_for_a_prompt_over_half_the_context(runtime):
     deadline = time.monotonic() + 5
     while sched._jobs and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sched._reserved == 0 and all(e.pins == 0 for e in sched._cache)
+    assert sched._reserved == 0 and all(e.pins == 0 for e in sched.cache.entries)
 
 
 def test_a_failing_text_callback_fails_only_its_own_request(runtime):

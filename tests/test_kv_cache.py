@@ -1,0 +1,145 @@
+"""Issue 15: the prefix cache parks idle prompts in host memory, and --kv-type picks the KV
+cache's element type. Real llama.cpp on the tiny model throughout; no timing here (speed is
+bench/peers.py's job)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runtime import GenerationParams, load
+from runtime.errors import InvalidParameter
+
+GREEDY = GenerationParams(max_length=24, temperature=0.0)
+WORDS = "Tokens are pieces of words and a tokenizer splits text into tokens and back again".split()
+
+
+def long_text(n_words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+
+
+@pytest.fixture()
+def fresh(gguf_files):
+    made = []
+
+    def make(**kw):
+        args = dict(n_ctx=512, n_threads=2, n_parallel=2, n_cache=3, queue_size=8, chat=False)
+        args.update(kw)
+        rt = load(gguf_files["f16"], **args)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def idle(rt) -> None:
+    """Wait until the worker has released every job (futures resolve just before that)."""
+    deadline = time.monotonic() + 10
+    while rt.scheduler._jobs and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not rt.scheduler._jobs
+
+
+def kv_is_empty(rt) -> bool:
+    """No sequence holds a cell: llama.cpp's highest used cell, which sets how many cells every
+    decode step attends over, is then 0."""
+    return all(rt.model.seq_pos_max(s) == -1 for s in range(rt.model.config.n_seq_max))
+
+
+def test_an_idle_cached_prompt_holds_no_kv_cells_and_comes_back_with_the_same_output(fresh):
+    rt = fresh()
+    cache = rt.scheduler.cache
+    prompt = long_text(60)
+    n = len(rt.prompt_tokens(prompt, GREEDY))
+    cold = rt.generate(prompt, GREEDY).completions[0].text
+    idle(rt)
+    [entry] = cache.entries
+    assert len(entry.tokens) == n and not entry.resident and entry.host  # parked, in host memory
+    assert kv_is_empty(rt)  # the cached prompt does not widen later steps' attention
+
+    # A hit copies it back, gives the same greedy text as evaluating it did, and parks it again.
+    before = dict(rt.scheduler.stats)
+    hot = rt.generate(prompt, GREEDY).completions[0].text
+    assert hot == cold
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 1
+    assert cache.stats["prefix_cache_restores"] == 1
+    idle(rt)
+    assert kv_is_empty(rt) and not entry.resident
+
+
+def test_a_longer_prompt_reuses_a_parked_prefix_and_matches_a_runtime_without_a_cache(fresh):
+    rt, plain = fresh(), fresh(n_cache=0)
+    prefix = long_text(50)
+    rt.generate(prefix, GREEDY)
+    idle(rt)
+    asked = prefix + " and then some more words"
+    got = rt.generate(asked, GREEDY).completions[0].text
+    assert rt.scheduler.stats["prefix_cache_hits"] == 1
+    assert got == plain.generate(asked, GREEDY).completions[0].text
+
+
+def test_a_parked_prompt_stays_out_of_the_kv_cache_while_others_generate(fresh):
+    rt = fresh()
+    rt.generate(long_text(60), GREEDY)
+    idle(rt)
+    [entry] = rt.scheduler.cache.entries
+    seen = []
+    rt.generate("Once", GenerationParams(max_length=20, temperature=0.0),
+                on_text=lambda _i, _t: seen.append(rt.model.seq_pos_max(entry.seq_id)))
+    assert seen and all(p == -1 for p in seen)
+
+
+def test_a_refused_restore_evaluates_the_prompt_instead(fresh, monkeypatch):
+    rt = fresh()
+    prompt = long_text(60)
+    expected = rt.generate(prompt, GREEDY).completions[0].text
+    idle(rt)
+    monkeypatch.setattr(rt.model, "set_seq_state", lambda seq, state: False)  # llama.cpp: no free cells
+    before = rt.scheduler.stats["prompt_tokens_evaluated"]
+    assert rt.generate(prompt, GREEDY).completions[0].text == expected
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before == len(rt.prompt_tokens(prompt, GREEDY))
+    assert rt.scheduler.cache.stats["prefix_cache_restore_failures"] == 1
+    idle(rt)
+    assert kv_is_empty(rt)
+
+
+def test_host_copies_stay_within_the_context_size_and_the_entry_count(fresh):
+    rt = fresh(n_cache=3)
+    cache = rt.scheduler.cache
+    for i in range(6):  # 6 prompts of ~130 tokens: more than 3 entries and more than 512 tokens
+        rt.generate(f"{i} " + long_text(100), GenerationParams(max_length=2, temperature=0.0))
+    idle(rt)
+    assert 1 <= len(cache.entries) <= 3
+    assert sum(len(e.tokens) for e in cache.entries) <= rt.model.n_ctx
+    assert kv_is_empty(rt)
+
+
+# --- --kv-type -----------------------------------------------------------------------
+
+def test_a_q8_0_kv_cache_loads_generates_and_takes_about_half_the_memory(fresh):
+    f16, q8 = fresh(), fresh(kv_type="q8_0")
+    assert q8.info.kv_type == "q8_0"
+    prompt = long_text(60)
+    for rt in (f16, q8):
+        r = rt.generate(prompt, GREEDY)
+        assert r.completions[0].generated_tokens > 0
+        idle(rt)
+    # The same prompt's KV cells, copied out: q8_0 stores 34 bytes per 32 values, f16 64.
+    size = {rt.info.kv_type: len(rt.scheduler.cache.entries[0].host) for rt in (f16, q8)}
+    assert 0.45 < size["q8_0"] / size["f16"] < 0.62, size
+
+
+def test_an_unknown_kv_type_is_refused_naming_the_flag(gguf_files):
+    with pytest.raises(InvalidParameter) as e:
+        load(gguf_files["f16"], n_ctx=256, n_threads=2, kv_type="q9_0")
+    assert e.value.field == "kv_type" and "q8_0" in e.value.message
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--model", str(gguf_files["f16"]), "--kv-type", "int3",
+                           "hi"], capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 2, proc.stderr
+    assert "--kv-type" in proc.stderr and "int3" in proc.stderr
