@@ -115,7 +115,7 @@ def _rope(cfg: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
         raise ConversionError(f"config.json: rope_scaling should be an object, got {params!r}")
     if "full_attention" in params or "sliding_attention" in params:
         raise UnsupportedArchitecture(f"{name}: per-layer rope parameters {sorted(params)} are not a Llama 2 family layout")
-    theta = _get({"rope_theta": params.get("rope_theta", cfg.get("rope_theta"))}, "rope_theta", float, 10000.0)
+    theta = _get({**cfg, **params}, "rope_theta", float, 10000.0)  # rope_parameters' own wins
     if theta <= 0:
         raise ConversionError(f"config.json: rope_theta must be positive, got {theta}")
     kind = params.get("rope_type", params.get("type"))
@@ -131,19 +131,28 @@ def _rope(cfg: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
         raise ConversionError(f"config.json: rope_scaling factor must be positive, got {factor}")
     if kind == "linear":
         return theta, RopeScaling("linear", factor)
-    # yarn. These change transformers' maths in ways llama.cpp does not follow; the reference
-    # converter drops them without a word, which would make the GGUF compute something else.
-    ignored = sorted(k for k in ("mscale", "mscale_all_dim") if params.get(k) is not None)
-    if params.get("truncate") is False:
-        ignored.append("truncate")
-    if ignored:
-        raise UnsupportedArchitecture(f"{name}: rope_scaling yarn with {', '.join(ignored)} is not supported by llama.cpp's llama architecture")
-
+    # yarn. llama.cpp's llama architecture reads none of the yarn_* keys the reference converter
+    # writes: it always runs beta_fast 32, beta_slow 1, no extrapolation factor and an attention
+    # scale of 0.1 * ln(factor) + 1, which are transformers' defaults. Values with which transformers
+    # computes something else are refused; the reference writes them, and the GGUF runs another model.
+    # (transformers ignores extrapolation_factor and attn_factor too, so those are harmless.)
     def opt(*keys: str) -> float | None:
         for k in keys:
             if params.get(k) is not None:
                 return _get(params, k, float)
         return None
+
+    default_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    differ = [k for k in ("mscale", "mscale_all_dim") if params.get(k) is not None]
+    if params.get("truncate") is False:
+        differ.append("truncate false")
+    if (a := opt("attention_factor")) is not None and not math.isclose(a, default_scale, rel_tol=1e-6):
+        differ.append(f"attention_factor {a} (llama.cpp uses {default_scale:.6g})")
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        if (b := opt(key)) not in (None, default):
+            differ.append(f"{key} {b} (llama.cpp uses {default:g})")
+    if differ:
+        raise UnsupportedArchitecture(f"{name}: rope_scaling yarn with {', '.join(differ)} is not supported by llama.cpp's llama architecture")
 
     return theta, RopeScaling(
         "yarn", factor,

@@ -139,8 +139,13 @@ def _add_general(w: gguf.GGUFWriter, src: Path, name: str | None) -> None:
     """general.* keys from the model card, config.json, generation_config.json and the folder name, through
     gguf.Metadata as the reference converter does; `name` overrides general.name (its --model-name).
     Call after every tensor info is added: the size label counts their parameters."""
+    import yaml  # gguf's own dependency, for the model card's front matter
+
     total, shared, expert, n_expert = w.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, src, name, total)
+    try:
+        meta = gguf.Metadata.load(None, src, name, total)
+    except yaml.YAMLError as e:
+        raise ConversionError(f"README.md: the model card's front matter is not valid YAML ({e}); fix or remove README.md") from None
     if meta.name is None:
         meta.name = src.name
     if meta.size_label is None and total > 0:

@@ -74,7 +74,8 @@ def tokenizer_model(folder: Path) -> Path:
         return path
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        kind = _read_json(tj).get("model", {}).get("type", "unknown")
+        model = _read_json(tj).get("model")
+        kind = model.get("type", "unknown") if isinstance(model, dict) else "unknown"
         raise UnsupportedArchitecture(
             f"{folder.name}: its tokenizer is a {kind} tokenizer.json without a SentencePiece tokenizer.model "
             f"(as Llama 3 and SmolLM ship), which llamabox cannot convert; {PULL_GGUF_HINT}"

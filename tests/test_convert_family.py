@@ -226,6 +226,11 @@ def _edit_config(folder, **changes):
     ({"type": "yarn", "factor": 4.0}, ConversionError, "missing 'original_max_position_embeddings'"),
     ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "mscale": 0.7, "mscale_all_dim": 0.7},
      UnsupportedArchitecture, "mscale, mscale_all_dim"),
+    # llama.cpp scales attention by 0.1 ln(4) + 1 whatever the GGUF says; transformers would by 1.0
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "attention_factor": 1.0},
+     UnsupportedArchitecture, r"attention_factor 1.0 \(llama.cpp uses 1.13863\)"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2},
+     UnsupportedArchitecture, r"beta_fast 16.0 \(llama.cpp uses 32\), beta_slow 2.0 \(llama.cpp uses 1\)"),
 ])
 def test_rope_scaling_llama_cpp_cannot_run_is_refused_by_name(built, tmp_path, scaling, error, match):
     import shutil
@@ -253,3 +258,34 @@ def test_bpe_tokenizer_json_only_is_refused_in_one_line_pointing_to_pull_gguf(bu
         msg = str(e.value)
         assert "\n" not in msg and "BPE tokenizer.json" in msg and "Llama 3" in msg and "llamabox pull NAME --gguf" in msg
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("extra,theta,scaling", [
+    ({"rope_theta": None}, 10000.0, None),                                                  # Llama 2: none given
+    ({"rope_scaling": {"rope_type": "default"}}, 10000.0, None),
+    ({"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, 5e5, None),  # transformers 5
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}, 1e6, ("linear", 2.0)),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "extrapolation_factor": 0.5,
+                       "attention_factor": 0.1 * np.log(4.0) + 1}}, 10000.0, ("yarn", 4.0)),  # = transformers' default
+])
+def test_rope_config_spellings(built, tmp_path, extra, theta, scaling):
+    import shutil
+
+    from convert.checkpoint import read_config
+
+    folder = tmp_path / "hf"
+    shutil.copytree(built["llama2"][0], folder)
+    _edit_config(folder, **extra)
+    cfg = read_config(folder)
+    assert cfg.rope_theta == theta
+    assert (cfg.rope_scaling and (cfg.rope_scaling.kind, cfg.rope_scaling.factor)) == (scaling or None)
+
+
+def test_broken_model_card_is_refused_naming_it(built, tmp_path):
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(built["llama2"][0], folder)
+    (folder / "README.md").write_text("---\nlicense: [llama2\n---\n")
+    with pytest.raises(ConversionError, match="README.md: the model card's front matter is not valid YAML"):
+        export_gguf(folder, tmp_path / "x.gguf")
