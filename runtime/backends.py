@@ -49,7 +49,7 @@ class CpuBackend:
 
     def describe(self) -> str:
         """One line for people: 'haswell (SSE3 SSSE3 AVX AVX2 F16C FMA BMI2)'."""
-        return f"{self.variant} ({' '.join(self.features) or 'no SIMD'})"
+        return f"{self.variant} ({' '.join(self.features) or 'baseline x86-64: SSE2'})"
 
 
 class _Feature(ctypes.Structure):  # ggml-backend.h: struct ggml_backend_feature

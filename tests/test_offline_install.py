@@ -146,3 +146,45 @@ def test_installs_and_serves_predict_with_no_network_at_all(wheelhouse, tmp_path
     assert out.get("predict_status") == 200, out
     assert out["predict"]["result"][0]["generated_text"].startswith("Once upon a time"), out["predict"]
     assert "CPU backend: " in out["serve_stderr"]
+
+
+@pytest.fixture(scope="module")
+def portable_venv(wheelhouse, tmp_path_factory) -> Path:
+    """The wheelhouse installed by its install.sh (here, with the network: what is tested is the
+    portable wheel's behaviour, not the isolation)."""
+    venv = tmp_path_factory.mktemp("pv") / "venv"
+    python = getattr(sys, "_base_executable", None) or shutil.which("python3")
+    r = subprocess.run(["sh", str(wheelhouse / "install.sh"), str(venv)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": python}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return venv
+
+
+def _only_variants(venv: Path, keep: set[str]) -> None:
+    [lib] = venv.glob("lib/python*/site-packages/llama_cpp/lib")
+    for so in lib.glob("libggml-cpu-*.so"):
+        if so.name.split(".")[0].removeprefix("libggml-cpu-") not in keep:
+            so.unlink()
+
+
+GENERATE = ("import runtime, sys; from runtime import GenerationParams, load; from convert.store import Store; "
+            "print(runtime.cpu_backend().variant); m = Store().resolve('llamabox-tiny'); "
+            "print(len(load(m.path, n_ctx=256, n_threads=2).generate('Once', GenerationParams(max_length=4, temperature=0)).completions[0].text))")
+
+
+def test_the_portable_build_runs_on_a_plain_x86_64_cpu(portable_venv, tmp_path):
+    # With only the baseline module left, which is what an old CPU ends up choosing among all 14.
+    _only_variants(portable_venv, {"x64"})
+    r = subprocess.run([str(portable_venv / "bin" / "python"), "-c", GENERATE], capture_output=True, text=True,
+                       env={**os.environ, "LLAMABOX_HOME": str(tmp_path)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    variant, chars = r.stdout.split()
+    assert variant == "x64" and int(chars) > 0
+
+
+def test_with_no_usable_cpu_module_the_error_says_so(portable_venv):
+    _only_variants(portable_venv, set())
+    r = subprocess.run([str(portable_venv / "bin" / "llamabox"), "generate", "hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "libggml-cpu-" in lines[0] and "none loaded" in lines[0], r.stderr[-2000:]
