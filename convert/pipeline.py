@@ -192,20 +192,22 @@ def _convert_into(src: Path, work: Path, model_id: str, quants: list[str], n_par
     inter = work / f".{model_id}.intermediate-{intermediate}.gguf{TMP_MARK}{os.getpid()}"
     reports: list[QuantReport] = []
     try:
-        made = {}  # float type -> (path, seconds, f16 overflow) of a GGUF written from the checkpoint
+        made = (0.0, 0)  # (seconds, f16 overflow) of the intermediate
+        first = progress  # progress follows the first GGUF written from the checkpoint
         if any(q not in FLOAT_TYPES or q == intermediate for q in quants):
             t0 = time.monotonic()
-            r = export_gguf(src, inter, intermediate, progress=progress)
-            made[intermediate] = (inter, time.monotonic() - t0, r.f16_overflow)
+            overflow = export_gguf(src, inter, intermediate, progress=progress).f16_overflow
+            made, first = (time.monotonic() - t0, overflow), None
         for q in quants:
             t0 = time.monotonic()
             partial = work / f".{model_id}.{q}.gguf{TMP_MARK}{os.getpid()}"
             overflow = 0
-            if q in made:
-                shutil.copyfile(made[q][0], partial)
-                seconds, overflow = made[q][1], made[q][2]
+            if q == intermediate:
+                shutil.copyfile(inter, partial)
+                seconds, overflow = made
             elif q in FLOAT_TYPES:
-                overflow = export_gguf(src, partial, q, progress=None if made else progress).f16_overflow
+                overflow = export_gguf(src, partial, q, progress=first).f16_overflow
+                first = None
                 seconds = time.monotonic() - t0
             else:
                 quantize(inter, partial, q, n_threads)

@@ -289,3 +289,16 @@ def test_broken_model_card_is_refused_naming_it(built, tmp_path):
     (folder / "README.md").write_text("---\nlicense: [llama2\n---\n")
     with pytest.raises(ConversionError, match="README.md: the model card's front matter is not valid YAML"):
         export_gguf(folder, tmp_path / "x.gguf")
+
+
+def test_float_outputs_of_an_f32_checkpoint_need_no_intermediate(built, tmp_path):
+    """f16 and bf16 come straight from the checkpoint; the progress callback follows one pass."""
+    folder, _ = built["linear"]  # F32
+    calls = []
+    reports = convert(folder, ["f16", "bf16"], out_dir=tmp_path, model_id="lin", progress=lambda d, t: calls.append((d, t)))
+    assert [r.quant for r in reports] == ["f16", "bf16"]
+    assert [d for d, _ in calls] == list(range(1, calls[0][1] + 1))
+    types = {r.quant: {t.tensor_type for t in gguf.GGUFReader(r.path).tensors} for r in reports}
+    assert types == {"f16": {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32},
+                     "bf16": {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lin.bf16.gguf", "lin.f16.gguf"]
