@@ -122,5 +122,5 @@ def load_backends() -> CpuBackend:
             raise BackendError(f"this llama-cpp-python build loads its backends at run time, and none loaded "
                                f"from {where}: no libggml-cpu-*.so there suits this CPU")
     cpu = _cpu_backend()
-    log.info("CPU backend: %s from %s", cpu.describe(), cpu.library or "?")
+    log.debug("CPU backend: %s from %s", cpu.describe(), cpu.library or "?")  # the CLI prints it
     return cpu
