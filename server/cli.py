@@ -287,8 +287,8 @@ def cmd_generate(args) -> int:
     settings.check()
     path, model_id, _, chat, _ = resolve_model(args.model, Store())
     prompt, params = parse_predict(body, Limits(max_new_tokens=args.ctx or 1_000_000, max_sequences=1))
-    print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
     rt = _load_runtime(path, model_id, settings, chat)
+    print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)  # after the load: a failed one is one line
     try:
         t0 = time.perf_counter()
         out = sys.stdout
