@@ -54,6 +54,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
 
 from .store import hash_file, sha256_file, write_json_atomic
+from .vocab import PULL_GGUF_HINT
 from runtime.errors import (
     DownloadError,
     GatedRepoError,
@@ -479,9 +480,12 @@ def download_checkpoint(
     selected = select_files(list(siblings))
     missing = _missing_for_conversion(selected)
     if missing:
+        hint = ""
+        if "tokenizer.model" in missing and "tokenizer.json" in selected:  # Llama 3, SmolLM: BPE only
+            hint = f" Its tokenizer is a tokenizer.json without a SentencePiece tokenizer.model; {PULL_GGUF_HINT}."
         raise UnsupportedArchitecture(
             f"{repo_id}@{commit[:12]} is not a Hugging Face Llama checkpoint llamabox can convert: "
-            f"missing {', '.join(missing)}."
+            f"missing {', '.join(missing)}.{hint}"
         )
 
     sizes = {name: _sibling_size(siblings[name]) for name in selected}

@@ -220,6 +220,19 @@ def test_repo_without_a_sentencepiece_tokenizer_is_refused_before_downloading(fa
     assert [r.path for r in fake_hub.requests] == [f"/api/models/{REPO}"]
 
 
+def test_a_bpe_only_repo_is_refused_before_downloading_pointing_to_pull_gguf(fake_hub, tmp_path):
+    files = _llama_repo_files()  # as Llama 3 and SmolLM ship: tokenizer.json, no tokenizer.model
+    del files["tokenizer.model"]
+    files["tokenizer.json"] = b'{"model": {"type": "BPE"}}'
+    fake_hub.add_repo(REPO, files)
+
+    with pytest.raises(UnsupportedArchitecture) as info:
+        download_checkpoint(REPO, tmp_path / "ckpt")
+    assert "tokenizer.json without a SentencePiece tokenizer.model" in str(info.value)
+    assert "--gguf" in str(info.value)
+    assert [r.path for r in fake_hub.requests] == [f"/api/models/{REPO}"]
+
+
 def test_unknown_repo_raises_download_error_naming_the_repo(fake_hub, tmp_path):
     with pytest.raises(DownloadError) as info:
         download_checkpoint("nobody/no-such-model", tmp_path / "ckpt")
