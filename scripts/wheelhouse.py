@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -136,61 +137,111 @@ def portable_wheel(requirement: str, cache: Path) -> tuple[Path, float]:
 INSTALL_SH = r"""#!/bin/sh
 # Install llamabox @VERSION@ from this folder, with no network.
 #   ./install.sh [VENV]        VENV: where to create the virtualenv (default: ./llamabox-venv)
-# Needs: @PYTHON@ (python3 -V says @PYVER@), and the C/C++ runtime libraries the wheels link
-# (libgomp, libstdc++; Debian: libgomp1, libstdc++6).
+# Needs: CPython @PYVER@ with venv (set PYTHON=/path/to/python@PYVER@ if python3 is another one),
+# glibc >= @GLIBC@ and libstdc++ with GLIBCXX_@GLIBCXX@ (the portable llama.cpp was built against
+# them), and libgomp (Debian: libgomp1).
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd -P)
 venv=${1:-./llamabox-venv}
 PYTHON=${PYTHON:-python3}
 fail() { echo "install.sh: $*" >&2; exit 1; }
 
-(cd "$here" && sha256sum --check --quiet --strict SHA256SUMS) \
+(CDPATH= cd -- "$here" && sha256sum --check --quiet --strict SHA256SUMS) \
   || fail "files in $here do not match SHA256SUMS: copy the wheelhouse again"
+[ "$(uname -m)" = "x86_64" ] || fail "these wheels are for Linux x86-64; this machine is $(uname -m)"
+glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null | sed 's/^glibc //') || glibc=""
+[ -n "$glibc" ] || fail "cannot tell this system's glibc version (getconf GNU_LIBC_VERSION); the wheels need glibc >= @GLIBC@"
+[ "$(printf '%s\n%s\n' "@GLIBC@" "$glibc" | sort -V | head -n1)" = "@GLIBC@" ] \
+  || fail "this system has glibc $glibc; llama.cpp in this wheelhouse needs >= @GLIBC@ (build the wheelhouse on a machine with glibc <= $glibc)"
 tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])') || fail "no $PYTHON (set PYTHON=/path/to/python@PYVER@)"
 [ "$tag" = "@PYTAG@" ] || fail "these wheels are for Python @PYVER@ (@PYTAG@); $PYTHON is $tag (set PYTHON=/path/to/python@PYVER@)"
 if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ]; then
   fail "$venv exists and is not a virtualenv; not touching it"
 fi
 "$PYTHON" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$here" "llamabox==@VERSION@"
-cpu=$("$venv/bin/python" -c 'import runtime; print(runtime.cpu_backend().describe())') \
+# Exactly the wheels listed, each checked against its sha256 (a stray wheel in this folder is never
+# chosen); --force-reinstall: a venv that already holds llama-cpp-python @LLAMA_VERSION@ built native gets
+# the portable build, not "already satisfied".
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$here" \
+  --require-hashes --no-deps --force-reinstall -r "$here/requirements.txt"
+# -I and cd /: check the installed package, never a runtime/ folder in the current directory.
+cpu=$(cd / && "$venv/bin/python" -I -c 'import runtime; c = runtime.cpu_backend(); print(c.variant, "|", c.describe())') \
   || fail "installed, but llama.cpp does not load here (missing libraries? try: ldd $venv/lib/python*/site-packages/llama_cpp/lib/*.so | grep 'not found')"
-echo "installed llamabox @VERSION@ in $venv (CPU backend: $cpu)"
+[ "${cpu%% |*}" != "native" ] || fail "$venv runs a native llama-cpp-python build, not this wheelhouse's portable one"
+echo "installed llamabox @VERSION@ in $venv (CPU backend: ${cpu#*| })"
 echo "start it with: $venv/bin/llamabox serve"
 """
 
+MARKER = ".llamabox-wheelhouse"  # in every folder this script writes: only those does it replace
 
-def write_install_sh(out: Path, version: str) -> None:
+
+def _wheel_name_version(wheel: Path) -> tuple[str, str]:
+    # {distribution}-{version}(-{build})?-{python}-{abi}-{platform}.whl (PEP 427)
+    parts = wheel.name[:-len(".whl")].split("-")
+    return parts[0], parts[1]
+
+
+def glibc_needs(wheel: Path) -> tuple[str, str]:
+    """The newest GLIBC_ and GLIBCXX_ symbol versions the wheel's shared libraries ask for (their
+    version-needed strings), e.g. ('2.34', '3.4.29'): the oldest system that can load them."""
+    seen: dict[bytes, set[tuple[int, ...]]] = {b"GLIBC_": set(), b"GLIBCXX_": set()}
+    with zipfile.ZipFile(wheel) as z:
+        for n in z.namelist():
+            if ".so" in Path(n).name:
+                data = z.read(n)
+                for m in re.finditer(rb"\x00(GLIBC_|GLIBCXX_)(\d+(?:\.\d+)+)\x00", data):
+                    seen[m.group(1)].add(tuple(int(x) for x in m.group(2).split(b".")))
+    return tuple(".".join(map(str, max(v))) if v else "0" for v in seen.values())  # type: ignore[return-value]
+
+
+def write_install_sh(out: Path, version: str, llama_whl: Path) -> None:
+    glibc, glibcxx = glibc_needs(llama_whl)
     text = (INSTALL_SH.replace("@VERSION@", version).replace("@PYTAG@", python_tag())
-            .replace("@PYVER@", "%d.%d" % sys.version_info[:2]).replace("@PYTHON@", "CPython"))
+            .replace("@PYVER@", "%d.%d" % sys.version_info[:2]).replace("@GLIBC@", glibc)
+            .replace("@GLIBCXX@", glibcxx).replace("@LLAMA_VERSION@", _wheel_name_version(llama_whl)[1]))
     (out / "install.sh").write_text(text)
     (out / "install.sh").chmod(0o755)
 
 
+def _ours_or_absent(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise WheelhouseError(f"{folder} exists and was not written by `make wheelhouse`; not touching it")
+
+
 def build(out: Path, cache: Path) -> dict:
-    if out.exists() and any(out.iterdir()) and not (out / "SHA256SUMS").exists():
-        raise WheelhouseError(f"{out} exists and is not a wheelhouse; not writing into it")
+    stage = out.with_name(out.name + ".partial")
+    _ours_or_absent(out)
+    _ours_or_absent(stage)
     t0 = time.monotonic()
     requirement = pinned_llama_cpp()
     llama_whl, build_s = portable_wheel(requirement, cache)
     variants = check_portable(llama_whl)
     version = metadata.version("llamabox")
 
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)  # ours: a previous run's leftover
+    shutil.rmtree(stage, ignore_errors=True)  # ours (checked above): a previous run's leftover
     stage.mkdir(parents=True)
+    (stage / MARKER).write_text("written by llamabox's scripts/wheelhouse.py\n")
     shutil.copy2(llama_whl, stage / llama_whl.name)
     pip("wheel", "--no-deps", "--quiet", "-w", str(stage), str(ROOT))  # llamabox itself
     own = next(stage.glob("llamabox-*.whl"))
     # Everything else, as wheels for this Python and platform. --find-links offers the portable
     # wheel; --only-binary keeps pip from choosing llama-cpp-python's sdist over it.
     pip("download", "--quiet", "--only-binary", ":all:", "--find-links", str(stage), "-d", str(stage), str(own))
-    write_install_sh(stage, version)
-    files = sorted(p for p in stage.iterdir() if p.is_file())
+    # An index that offers prebuilt llama-cpp-python wheels (a pip.conf extra-index-url) could have
+    # added one whose tag pip ranks above ours: ship exactly the portable wheel, or nothing.
+    llamas = sorted(stage.glob("llama_cpp_python-*.whl"))
+    if [p.name for p in llamas] != [llama_whl.name] or sha256_file(llamas[0]) != sha256_file(llama_whl):
+        raise WheelhouseError(f"pip download left {[p.name for p in llamas]} beside the portable {llama_whl.name}; "
+                              "check pip's configuration (extra index URLs)")
+    wheels = sorted(stage.glob("*.whl"))
+    (stage / "requirements.txt").write_text("".join(
+        "{}=={} --hash=sha256:{}\n".format(*_wheel_name_version(w), sha256_file(w)) for w in wheels))
+    write_install_sh(stage, version, llama_whl)
+    files = sorted(p for p in stage.iterdir() if p.is_file() and p.name != MARKER)
     (stage / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
 
     if out.exists():
-        shutil.rmtree(out)  # a wheelhouse this script wrote (it has SHA256SUMS, checked above)
+        shutil.rmtree(out)  # a wheelhouse this script wrote (its marker was checked above)
     os.replace(stage, out)
     tarball = out.with_name(f"llamabox-wheelhouse-{version}-{python_tag()}-{sysconfig.get_platform()}.tar")
     tmp = tarball.with_name(tarball.name + ".partial")
@@ -198,9 +249,9 @@ def build(out: Path, cache: Path) -> dict:
         tar.add(out, arcname=out.name)
     os.replace(tmp, tarball)
     size = sum(p.stat().st_size for p in out.iterdir())
-    return {"wheelhouse": str(out), "tarball": str(tarball), "bytes": size, "wheels": len(list(out.glob("*.whl"))),
-            "llama_cpp_wheel": llama_whl.name, "variants": variants, "build_seconds": round(build_s, 1),
-            "total_seconds": round(time.monotonic() - t0, 1)}
+    return {"wheelhouse": str(out), "tarball": str(tarball), "bytes": size, "wheels": len(wheels),
+            "llama_cpp_wheel": llama_whl.name, "variants": variants, "needs_glibc": glibc_needs(llama_whl),
+            "build_seconds": round(build_s, 1), "total_seconds": round(time.monotonic() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

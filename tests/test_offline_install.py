@@ -63,7 +63,7 @@ def test_the_shipped_llama_cpp_wheel_is_the_portable_build(wheelhouse):
 
 def test_every_file_is_in_sha256sums(wheelhouse):
     listed = {line.split("  ", 1)[1] for line in (wheelhouse / "SHA256SUMS").read_text().splitlines()}
-    assert listed == {p.name for p in wheelhouse.iterdir()} - {"SHA256SUMS"}
+    assert listed == {p.name for p in wheelhouse.iterdir()} - {"SHA256SUMS", wh.MARKER}
     assert subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=wheelhouse).returncode == 0
 
 
@@ -151,13 +151,57 @@ def test_installs_and_serves_predict_with_no_network_at_all(wheelhouse, tmp_path
 @pytest.fixture(scope="module")
 def portable_venv(wheelhouse, tmp_path_factory) -> Path:
     """The wheelhouse installed by its install.sh (here, with the network: what is tested is the
-    portable wheel's behaviour, not the isolation)."""
-    venv = tmp_path_factory.mktemp("pv") / "venv"
+    portable wheel's behaviour, not the isolation), from a copy holding a stray newer wheel that
+    SHA256SUMS does not list (as extracting a new tarball over an old folder leaves)."""
+    base = tmp_path_factory.mktemp("pv")
+    kit = base / "kit with space"
+    shutil.copytree(wheelhouse, kit)
+    [blinker] = kit.glob("blinker-*.whl")
+    shutil.copy(blinker, kit / "blinker-99.0-py3-none-any.whl")
+    venv = base / "venv"
     python = getattr(sys, "_base_executable", None) or shutil.which("python3")
-    r = subprocess.run(["sh", str(wheelhouse / "install.sh"), str(venv)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": python}, timeout=600)
+    r = subprocess.run(["sh", str(kit / "install.sh"), str(venv)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": python, "CDPATH": ".:/tmp"}, timeout=600, cwd="/")
     assert r.returncode == 0, r.stderr
     return venv
+
+
+def test_install_takes_exactly_the_listed_wheels(portable_venv, wheelhouse):
+    pinned = dict(line.split(" ")[0].split("==") for line in (wheelhouse / "requirements.txt").read_text().splitlines())
+    r = subprocess.run([str(portable_venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+                       capture_output=True, text=True, check=True)
+    installed = {d["name"].lower().replace("-", "_"): d["version"] for d in json.loads(r.stdout)}
+    assert installed["blinker"] == pinned["blinker"] != "99.0"
+    for name, version in pinned.items():
+        assert installed[name.lower().replace("-", "_")] == version
+
+
+def test_backend_modules_are_never_loaded_from_the_current_directory(portable_venv, tmp_path):
+    [lib] = portable_venv.glob("lib/python*/site-packages/llama_cpp/lib")
+    for name in ("libggml-cpu-zzz.so", "libggml-rpc.so", "libggml-cpu.so"):  # what ggml's own search would take
+        shutil.copy(lib / "libggml-cpu-x64.so", tmp_path / name)
+    r = subprocess.run([str(portable_venv / "bin" / "python"), "-I", "-c",
+                        "import runtime; runtime.cpu_backend(); print(open('/proc/self/maps').read())"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(tmp_path) not in r.stdout
+    assert str(lib / "libggml-cpu-") in r.stdout
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils) to read the machine code")
+def test_the_libraries_every_cpu_loads_use_no_avx(wheelhouse, tmp_path):
+    # The CPU test below runs on whatever CPU CI has; this proves what it cannot: that the code an
+    # old CPU runs (llama, ggml, ggml-base and the x64 module) has no AVX/AVX-512 instruction.
+    [whl] = wheelhouse.glob("llama_cpp_python-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu-x64.so"):
+            (tmp_path / name).write_bytes(z.read(f"llama_cpp/lib/{name}"))
+            asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / name)],
+                                 capture_output=True, text=True, check=True).stdout
+            assert "%ymm" not in asm and "%zmm" not in asm, f"{name} uses AVX registers"
+    # and the check can tell: the haswell module does use them
+    (tmp_path / "h.so").write_bytes(zipfile.ZipFile(whl).read("llama_cpp/lib/libggml-cpu-haswell.so"))
+    assert "%ymm" in subprocess.run(["objdump", "-d", str(tmp_path / "h.so")], capture_output=True, text=True).stdout
 
 
 def _only_variants(venv: Path, keep: set[str]) -> None:
