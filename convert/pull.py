@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from runtime.errors import InvalidParameter
+from runtime.errors import IntegrityError, InvalidParameter
 
 from .hub import MODEL_REPOS, PARTIAL_DIR, download_checkpoint, download_gguf, parse_gguf_spec
 from .pipeline import QuantReport, convert, parse_quants
-from .store import Store, check_model_id
+from .store import Store, check_model_id, hold_flock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,27 @@ def pull(
                 w.manifest["chat"] = chat
             # The download grows under <home>/downloads/gguf/<repo>/, outside the store's sweep, so
             # a pull stopped by Ctrl-C, kill -9 or a dropped connection resumes from its bytes when
-            # run again. The verified file then moves (same filesystem) into this write's partial.
+            # run again. The verified file is hard-linked into this write's partial, and the
+            # download let go only once the store holds it: a failure before that keeps it.
             repo_id, filename = parse_gguf_spec(gguf)
             downloads = store.home / "downloads" / "gguf" / repo_id.replace("/", "--")
-            path, sha = download_gguf(gguf, downloads)
-            m = _GGUF_QUANT.search(path.name)
-            quant = m.group(1).lower() if m else "gguf"
-            staging = w.partial("gguf-download")
-            os.replace(path, staging)
-            w.source = {**w.source, "sha256": sha}
-            mf = w.add_file(staging, quant, sha256=sha)  # download_gguf checked these bytes against the Hub
-            (downloads / PARTIAL_DIR / f"{filename}.done").unlink(missing_ok=True)  # its file has moved
+            with hold_flock(downloads.parent / f".{downloads.name}.lock", gguf):  # one pull per download
+                path, sha = download_gguf(gguf, downloads)
+                m = _GGUF_QUANT.search(path.name)
+                quant = m.group(1).lower() if m else "gguf"
+                staging = w.partial("gguf-download")
+                try:
+                    os.link(path, staging)
+                except OSError as e:  # another filesystem (a linked downloads folder): a copy, hashed again
+                    log.info("cannot hard-link %s into the store (%s); copying it", path, e.strerror)
+                    shutil.copyfile(path, staging)
+                    if sha256_file(staging) != sha:
+                        raise IntegrityError(f"copying {path} into the store changed its bytes; nothing was added")
+                w.source = {**w.source, "sha256": sha}
+                mf = w.add_file(staging, quant, sha256=sha)  # the bytes download_gguf checked against the Hub
+        # Committed: the store has the file now.
+        path.unlink(missing_ok=True)
+        (downloads / PARTIAL_DIR / f"{filename}.done").unlink(missing_ok=True)
         return [QuantReport(quant, mf.path, mf.size, float("nan"), 0.0)]
 
     repo = repo or MODEL_REPOS.get(name)

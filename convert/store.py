@@ -114,6 +114,32 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def hold_flock(path: Path, what: str, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on path (created if needed); yields False without waiting if wait=False
+    and another process holds it. The kernel releases an flock when its holder exits, however it
+    exits, so nobody waits on a dead process. The lock file is never deleted: deleting it while
+    someone waits on it would let two holders in. Not re-entrant: two opens in one process conflict.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            log.info("waiting for another llamabox process (pid %s) that is writing %s", holder, what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -355,29 +381,10 @@ class Store:
         """Hold the model's write lock; yields False (without waiting) if wait=False and it is taken.
 
         A second writer waits rather than fails: what it wants (another quant, the same model
-        again) is usually fine once the first is done, and it cannot wait on a dead process,
-        since the kernel releases an flock when its holder exits, however it exits. The lock
-        file is never deleted: deleting it while someone waits on it would let two writers in.
-        Not re-entrant: flock conflicts between two opens in one process too.
+        again) is usually fine once the first is done. See hold_flock.
         """
-        path = self._lock_path(model_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    yield False
-                    return
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                log.info("waiting for another llamabox process (pid %s) that is writing %s", holder, model_id)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
-            yield True
-        finally:
-            os.close(fd)  # releases the flock
+        with hold_flock(self._lock_path(model_id), model_id, wait) as held:
+            yield held
 
     def sweep_partials(self, holding: str | None = None) -> int:
         """Remove leftovers of interrupted writes anywhere in the store; returns how many.
