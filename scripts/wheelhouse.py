@@ -111,7 +111,7 @@ def portable_wheel(requirement: str, cache: Path) -> tuple[Path, float]:
         log.info("portable llama-cpp-python from the cache: %s", whl)
         return whl, 0.0
     cache.mkdir(parents=True, exist_ok=True)
-    log.info("building %s portable (%s); on 2 cores this takes about half an hour", requirement, PORTABLE_CMAKE_ARGS)
+    log.info("building %s portable (%s); about 30 CPU-minutes: 15 minutes on 2 idle cores", requirement, PORTABLE_CMAKE_ARGS)
     env = {**os.environ, "CMAKE_ARGS": PORTABLE_CMAKE_ARGS, "FORCE_CMAKE": "1",
            "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
     t0 = time.monotonic()
