@@ -193,6 +193,10 @@ def export_gguf(
     plan = _plan(cfg, refs, out_type)
     for gname, ref, _ in plan:
         _check_shape(gname, ref, cfg)
+    if out_type == Q.BF16 and any(r.dtype == "F16" for _, r, q in plan if q == Q.BF16):
+        # F16 has 10 mantissa bits, BF16 7: the F16 weights lose 3 bits each (their range is safe).
+        log.warning("%s stores F16 weights; bf16 keeps 3 fewer mantissa bits of them: f16 is the lossless choice",
+                    src.name)
 
     w = gguf.GGUFWriter(dst, gguf.MODEL_ARCH_NAMES[ARCH])
     n_params = 0

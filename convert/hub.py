@@ -91,6 +91,10 @@ _METADATA_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",
+    "added_tokens.json",     # older fine-tunes' added tokens (<pad>): convert/vocab.py reads it
+    "chat_template.jinja",   # newer repos keep the chat template beside tokenizer_config.json
+    "chat_template.json",
+    "README.md",             # the model card: general.license, base_model, tags, as the reference writes them
 )
 # Without these a repo cannot be converted (llama.cpp's converter needs a config and the SentencePiece model).
 _REQUIRED_FILES = ("config.json", "tokenizer.model")

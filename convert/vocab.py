@@ -78,7 +78,8 @@ def tokenizer_model(folder: Path) -> Path:
         kind = model.get("type", "unknown") if isinstance(model, dict) else "unknown"
         raise UnsupportedArchitecture(
             f"{folder.name}: its tokenizer is a {kind} tokenizer.json without a SentencePiece tokenizer.model "
-            f"(as Llama 3 and SmolLM ship), which llamabox cannot convert; {PULL_GGUF_HINT}"
+            f"(Llama 3 and SmolLM ship only this, and so do some Llama 2 fine-tunes), which llamabox cannot convert; "
+            f"{PULL_GGUF_HINT}"
         )
     raise UnsupportedArchitecture(
         f"{folder.name}: no tokenizer.model; llamabox converts Llama checkpoints with a SentencePiece tokenizer; {PULL_GGUF_HINT}"

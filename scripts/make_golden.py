@@ -89,7 +89,8 @@ def main() -> int:
                 gguf_path.unlink()
             path = args.out / f"{name}.json"
             path.write_text(to_json(record) + "\n", encoding="utf-8")
-            print(f"{path.relative_to(ROOT)}: {', '.join(layout.outtypes)}; {path.stat().st_size / 1024:.1f} KiB")
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            print(f"{shown}: {', '.join(layout.outtypes)}; {path.stat().st_size / 1024:.1f} KiB")
     return 0
 
 

@@ -27,6 +27,26 @@ DELIBERATE = {
 }
 
 
+# Where our converter deliberately behaves otherwise than the reference on inputs the four golden
+# layouts do not contain (each is tested in tests/test_convert_family.py or test_convert.py):
+BEHAVIOUR_DIFFERENCES = {
+    "tokenizer.model with more pieces than vocab_size": "refused; the reference truncates it with a warning",
+    "Code Llama's end-of-text id": "taken from the ▁<EOT> piece; the reference keys it on vocab_size == 32016, so a "
+                                   "Code Llama fine-tune with added tokens gets none there",
+    "bos/eos/pad ids the HF files leave out": "taken from tokenizer.model, which defines them",
+    "F16 output of weights beyond ±65504": "clamped to ±65504, counted, logged and printed; the reference writes ±inf "
+                                           "silently (--quant bf16 keeps them)",
+    "NaN or inf weights in the checkpoint": "refused, naming the tensor; the reference writes them",
+    "rope_scaling dynamic, longrope, llama3; yarn with non-default attention_factor/beta":
+        "refused by name: llama.cpp's llama architecture does not run them (the reference writes nothing or keys "
+        "llama.cpp ignores, and the model then runs unscaled)",
+    "tokenizer.json without tokenizer.model": "refused, pointing to pull --gguf; the reference converts BPE vocabularies",
+    "add_bos_token in tokenizer_config.json vs tokenizer.json's post-processor":
+        "PyPI gguf 0.19.0's SpecialVocab lets tokenizer_config.json win (as transformers does); the sdist's gguf-py "
+        "lets the post-processor win. The golden layouts agree in both files",
+}
+
+
 def golden(name: str) -> dict:
     return json.loads((GOLDEN_DIR / f"{name}.json").read_text(encoding="utf-8"))
 

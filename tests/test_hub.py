@@ -108,6 +108,7 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_select_files_takes_safetensors_weights_and_tokenizer_from_a_llama2_repo():
     assert select_files(LLAMA2_SAFETENSORS_LISTING) == [
+        "README.md",  # the model card: licence, base model, tags go into the GGUF as the reference writes them
         "config.json",
         "generation_config.json",
         "model-00001-of-00002.safetensors",
@@ -120,8 +121,15 @@ def test_select_files_takes_safetensors_weights_and_tokenizer_from_a_llama2_repo
     ]
 
 
+def test_select_files_takes_a_fine_tunes_added_tokens_and_chat_template():
+    listing = [*LLAMA2_SAFETENSORS_LISTING, "added_tokens.json", "chat_template.jinja", "sub/added_tokens.json"]
+    chosen = select_files(listing)
+    assert {"added_tokens.json", "chat_template.jinja"} <= set(chosen) and "sub/added_tokens.json" not in chosen
+
+
 def test_select_files_falls_back_to_pytorch_bins_when_there_is_no_safetensors():
     assert select_files(LLAMA2_BIN_ONLY_LISTING) == [
+        "README.md",
         "config.json",
         "pytorch_model-00001-of-00003.bin",
         "pytorch_model-00002-of-00003.bin",
