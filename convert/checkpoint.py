@@ -156,7 +156,7 @@ def _rope(cfg: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
 
     return theta, RopeScaling(
         "yarn", factor,
-        orig_ctx=_get(params, "original_max_position_embeddings", int),
+        orig_ctx=_get({**cfg, **params}, "original_max_position_embeddings", int),  # the reference reads both places
         ext_factor=opt("extrapolation_factor"),
         attn_factor=opt("attention_factor", "attn_factor"),
         beta_fast=opt("beta_fast"),
