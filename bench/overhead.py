@@ -11,6 +11,7 @@ the same short prompt, EOS ignored by the raw loops (the runtime's count is chec
                (OpenMP keeps a team per calling thread: two teams on two cores)
   runtime      runtime.generate: the scheduler's worker thread, no HTTP
   runtime-2c   the same, after two ~499-token prompts went through the prefix cache
+  runtime:TYPE runtime with a TYPE KV cache (--kv-type), e.g. --arms runtime,runtime:q8_0
 Prints tok/s medians and per-round ratios to raw; writes bench/out/overhead-<model>.json.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def child(arm: str, model: str, threads: int, n_gen: int) -> None:
     else:
         from runtime import GenerationParams, load
 
-        rt = load(model, n_ctx=2048, n_threads=threads, n_parallel=8, chat=False)
+        kv = arm.split(":")[1] if ":" in arm else "f16"
+        rt = load(model, n_ctx=2048, n_threads=threads, n_parallel=8, chat=False, kv_type=kv)
         p = GenerationParams(max_length=n_gen, temperature=0.0)
         rt.generate("Hello", GenerationParams(max_length=2, temperature=0.0))
         if arm == "runtime-2c":

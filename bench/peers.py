@@ -178,8 +178,9 @@ def text_of(n_words: int, salt: str) -> str:
 
 
 class Bench:
-    def __init__(self, peers: list[Peer], n_gen: int, per_client: int, long_words: int):
+    def __init__(self, peers: list[Peer], n_gen: int, per_client: int, long_words: int, only: set[str] | None = None):
         self.peers = peers
+        self.only = only                      # measures to run (None: all); load and memory always
         self.n_gen = n_gen
         self.per_client = per_client
         self.long_words = long_words          # words that make ~499 tokens with this tokenizer
@@ -244,6 +245,8 @@ class Bench:
         out: dict = {}
 
         def measure(name: str, fn) -> None:
+            if self.only is not None and name not in self.only:
+                return
             out[name] = {}
             for p in order:
                 time.sleep(0.3)  # let the other server's OpenMP threads stop spinning
@@ -319,6 +322,7 @@ def main() -> int:
     ap.add_argument("--per-client", type=int, help="requests each client sends in a client measure (default 2, 1 with --quick)")
     ap.add_argument("--kv-type", help="KV cache type for both servers (llamabox --kv-type, llama-server -ctk/-ctv)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", help="comma-separated measures to run (default all), e.g. fresh_gen1,gen1,clients4,prefix")
     ap.add_argument("--tag", default="", help="suffix for the JSON file name")
     ap.add_argument("--baseline", type=Path, help="another llamabox checkout (git worktree) to run as a third arm, "
                                                   "'llamabox-base', e.g. the commit before a change")
@@ -337,7 +341,7 @@ def main() -> int:
     try:
         peers[1].start()
         long_words = long_prompt_words(peers[1])
-        bench = Bench(peers, n_gen, per_client, long_words)
+        bench = Bench(peers, n_gen, per_client, long_words, set(args.only.split(",")) if args.only else None)
         print(f"{Path(model).name}: {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, {rounds} rounds, "
               f"{n_gen} tokens per request, KV {args.kv_type or 'f16'}; load {os.getloadavg()[0]:.2f}", flush=True)
         for r in range(rounds):

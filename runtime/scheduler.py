@@ -405,11 +405,14 @@ class Scheduler:
 
         The entry takes over the accounting of the job's own prompt cells (tokens[start:]),
         so remembering costs the budget only the `start` cells it shares with another entry.
+        A prompt that adds fewer than min_cached_prompt tokens to a cached prefix (a question
+        after a shared document) is not kept: a later hit would save as little, and its host
+        copy would repeat the whole prefix.
         """
         tokens = job.tokens
-        if len(tokens) < self.min_cached_prompt or self.cache.holds(tokens):
-            return
         own = len(tokens) - job.reused  # the cells this job evaluated itself
+        if own < self.min_cached_prompt or self.cache.holds(tokens):
+            return
         if self._reserved - own + self.cache.resident_cells() + len(tokens) > self.model.n_ctx:
             return
         entry = self.cache.add(tokens, s0)
