@@ -190,7 +190,8 @@ class Bench:
         self.shared_prefix = text_of(long_words, "Shared context:")
 
     def salt(self) -> str:
-        self._salt += 1
+        """A new first word for a long prompt, so that it shares only BOS with what is cached. The
+        same for every arm of one measure (measure() moves it on), so their prompts are identical."""
         return f"Note {self._salt}:"
 
     # --- workloads: each returns (value, tokens generated, prompt tokens) --------
@@ -248,6 +249,7 @@ class Bench:
             if self.only is not None and name not in self.only:
                 return
             out[name] = {}
+            self._salt += 1
             for p in order:
                 time.sleep(0.3)  # let the other server's OpenMP threads stop spinning
                 v, toks, ptoks = fn(p)
@@ -266,8 +268,9 @@ class Bench:
         short = lambda i, j: f"Story {i} {j}: once upon a time"  # noqa: E731
         measure("fresh_gen1", self.gen1)
         measure("fresh_clients4", lambda p: self.clients(p, 4, short))
-        for p in order:  # steady state: two long prompts now sit in each server's prompt cache
-            for _ in range(2):
+        for k in range(2):  # steady state: two long prompts now sit in each server's prompt cache
+            self._salt += 1
+            for p in order:
                 p.complete(self.session(p), text_of(self.long_words, self.salt()), 1)
         measure("gen1", self.gen1)
         measure("pp", self.pp)
