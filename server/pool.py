@@ -100,23 +100,27 @@ def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512) -> int:
     GGUF's metadata only. A file we cannot read costs its size (the load will say why)."""
     import gguf
 
+    from .gguf_header import read_header
+
     size = path.stat().st_size
     try:
-        r = gguf.GGUFReader(path, "r")
-        arch = str(bytes(r.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]), "utf-8")
+        h = read_header(path)  # the header's scalars only: GGUFReader took 2-3.5 s of every load
+        arch = h[gguf.Keys.General.ARCHITECTURE]
 
         def num(key: str) -> int:
-            f = r.fields[key.format(arch=arch)]
-            return int(f.parts[f.data[0]][0])
+            v = h[key.format(arch=arch)]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{key.format(arch=arch)} is {v!r}")
+            return v
 
         n_layer = num(gguf.Keys.LLM.BLOCK_COUNT)
         n_embd = num(gguf.Keys.LLM.EMBEDDING_LENGTH)
         n_head = num(gguf.Keys.Attention.HEAD_COUNT)
-        n_head_kv = num(gguf.Keys.Attention.HEAD_COUNT_KV) if gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch) in r.fields else n_head
+        n_head_kv = num(gguf.Keys.Attention.HEAD_COUNT_KV) if gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch) in h else n_head
         n_ctx = n_ctx or min(num(gguf.Keys.LLM.CONTEXT_LENGTH), 4096)
-        tok = r.fields.get(gguf.Keys.Tokenizer.LIST)
-        n_vocab = len(tok.data) if tok is not None else 32000
-    except Exception as e:  # noqa: BLE001 - malformed metadata: the loader reports it properly
+        tok = h.get(gguf.Keys.Tokenizer.LIST)
+        n_vocab = tok[1] if isinstance(tok, tuple) else 32000
+    except (OSError, ValueError, KeyError, TypeError) as e:  # malformed metadata: the loader reports it properly
         log.debug("cannot read %s's shapes (%s); estimating its file size", path.name, e)
         return size
     kv = 2 * n_layer * n_ctx * (n_embd // n_head) * n_head_kv * 2      # K and V, F16
