@@ -69,6 +69,35 @@ def _served_bytes(hub: FakeHub, name: str, total: int) -> int:
     return served
 
 
+def _pull_killed_half_way(args: list[str], partials: Path, name: str, size: int) -> Path:
+    """Run `llamabox pull ARGS` in a subprocess and SIGKILL it once the partial of `name` holds 45 %
+    of its `size` bytes (it grows in steps of a few MiB, and a rerun must need less than 60 %).
+    Returns the partial file it left."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())", "pull", *args],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    partial = None
+    deadline = time.monotonic() + 15
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(partials.glob(f"{name}.*.incomplete")) if partials.is_dir() else []
+            if found and found[0].stat().st_size >= 0.45 * size:
+                partial = found[0]
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert partial is not None, f"no half-way partial seen; pull exited {proc.returncode}: {err[-2000:]!r}"
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    return partial
+
+
 def test_killed_pull_resumes_from_the_partial_file(hub, tmp_path, monkeypatch):
     files = _files()
     size = len(files[BIG])
@@ -79,30 +108,8 @@ def test_killed_pull_resumes_from_the_partial_file(hub, tmp_path, monkeypatch):
     download = home / "downloads" / REPO.replace("/", "--")
     partials = download / PARTIAL_DIR
 
-    # 1. `llamabox pull` in a subprocess, SIGKILLed with 30-70 % of the weights on disk (waiting for
-    # 45 %: the partial grows in steps of a few MiB, and the rerun must need less than 60 %).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
-         "pull", "tiny", "--repo", REPO],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    partial = None
-    deadline = time.monotonic() + 15
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list(partials.glob(f"{BIG}.*.incomplete")) if partials.is_dir() else []
-            if found and found[0].stat().st_size >= 0.45 * size:
-                partial = found[0]
-                break
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    assert partial is not None, f"no half-way partial seen; pull exited {proc.returncode}: {proc.stderr.read()[-2000:]!r}"
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # 1. `llamabox pull` in a subprocess, SIGKILLed with 30-70 % of the weights on disk.
+    partial = _pull_killed_half_way(["tiny", "--repo", REPO], partials, BIG, size)
     kept = partial.stat().st_size
     assert 0.3 * size <= kept <= 0.7 * size
     assert files[BIG].startswith(partial.read_bytes())
@@ -171,28 +178,7 @@ def test_killed_gguf_pull_resumes_and_lands_in_the_store(hub, tmp_path, monkeypa
     monkeypatch.setenv("LLAMABOX_HOME", str(home))
     partials = home / "downloads" / "gguf" / repo.replace("/", "--") / PARTIAL_DIR
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
-         "pull", "g", "--gguf", f"{repo}:{name}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    kept = 0
-    deadline = time.monotonic() + 15
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list(partials.glob(f"{name}.*.incomplete")) if partials.is_dir() else []
-            if found and found[0].stat().st_size >= 0.45 * len(gguf):
-                break
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    err = proc.stderr.read()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    [partial] = partials.glob(f"{name}.*.incomplete")
+    partial = _pull_killed_half_way(["g", "--gguf", f"{repo}:{name}"], partials, name, len(gguf))
     kept = partial.stat().st_size
     assert 0.3 * len(gguf) <= kept <= 0.7 * len(gguf)
 
