@@ -229,16 +229,17 @@ def build(out: Path, cache: Path) -> dict:
     pip("download", "--quiet", "--only-binary", ":all:", "--find-links", str(stage), "-d", str(stage), str(own))
     # An index that offers prebuilt llama-cpp-python wheels (a pip.conf extra-index-url) could have
     # added one whose tag pip ranks above ours: ship exactly the portable wheel, or nothing.
-    llamas = sorted(stage.glob("llama_cpp_python-*.whl"))
-    if [p.name for p in llamas] != [llama_whl.name] or sha256_file(llamas[0]) != sha256_file(llama_whl):
-        raise WheelhouseError(f"pip download left {[p.name for p in llamas]} beside the portable {llama_whl.name}; "
-                              "check pip's configuration (extra index URLs)")
     wheels = sorted(stage.glob("*.whl"))
+    digest = {w.name: sha256_file(w) for w in wheels}  # each wheel read once: requirements.txt and SHA256SUMS
+    llamas = [w.name for w in wheels if w.name.startswith("llama_cpp_python-")]
+    if llamas != [llama_whl.name] or digest[llama_whl.name] != sha256_file(llama_whl):
+        raise WheelhouseError(f"pip download left {llamas} beside the portable {llama_whl.name}; "
+                              "check pip's configuration (extra index URLs)")
     (stage / "requirements.txt").write_text("".join(
-        "{}=={} --hash=sha256:{}\n".format(*_wheel_name_version(w), sha256_file(w)) for w in wheels))
+        "{}=={} --hash=sha256:{}\n".format(*_wheel_name_version(w), digest[w.name]) for w in wheels))
     write_install_sh(stage, version, llama_whl)
     files = sorted(p for p in stage.iterdir() if p.is_file() and p.name != MARKER)
-    (stage / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
+    (stage / "SHA256SUMS").write_text("".join(f"{digest.get(p.name) or sha256_file(p)}  {p.name}\n" for p in files))
 
     if out.exists():
         shutil.rmtree(out)  # a wheelhouse this script wrote (its marker was checked above)

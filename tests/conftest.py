@@ -60,6 +60,23 @@ def chat_runtime(gguf_files):
 
 
 @pytest.fixture()
+def runtimes(gguf_files):
+    """Runtimes of a test's own, closed after it: runtimes(quant, **load_kwargs)."""
+    from runtime import load
+
+    made = []
+
+    def make(quant: str, **kw):
+        rt = load(gguf_files[quant], **{"n_ctx": 512, "n_threads": 2, **kw})
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+@pytest.fixture()
 def settings():
     from server.settings import Settings
 

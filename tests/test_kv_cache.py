@@ -10,31 +10,14 @@ import time
 
 import pytest
 
+from prompts import GREEDY, long_text
 from runtime import GenerationParams, load
 from runtime.errors import InvalidParameter
 
-GREEDY = GenerationParams(max_length=24, temperature=0.0)
-WORDS = "Tokens are pieces of words and a tokenizer splits text into tokens and back again".split()
-
-
-def long_text(n_words: int) -> str:
-    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
-
-
 @pytest.fixture()
-def fresh(gguf_files):
-    made = []
-
-    def make(**kw):
-        args = dict(n_ctx=512, n_threads=2, n_parallel=2, n_cache=3, queue_size=8, chat=False)
-        args.update(kw)
-        rt = load(gguf_files["f16"], **args)
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        rt.close()
+def fresh(runtimes):
+    """A runtime of its own (closed after the test)."""
+    return lambda **kw: runtimes("f16", **{"n_parallel": 2, "n_cache": 3, "queue_size": 8, "chat": False, **kw})
 
 
 def idle(rt) -> None:

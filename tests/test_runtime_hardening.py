@@ -9,33 +9,15 @@ from concurrent.futures import wait
 
 import pytest
 
-from runtime import GenerationParams, load
+from prompts import GREEDY, long_text
+from runtime import GenerationParams
 from runtime.errors import KVCacheFull, QueueFull, ShuttingDown, WorkerDied
 from runtime.model import LlamaModel, LoadConfig
 
-GREEDY = GenerationParams(max_length=24, temperature=0.0)
-WORDS = "Tokens are pieces of words and a tokenizer splits text into tokens and back again".split()
-
-
-def long_text(n_words: int) -> str:
-    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
-
-
 @pytest.fixture()
-def fresh(gguf_files):
+def fresh(runtimes):
     """A runtime of its own, for tests that break or stop it."""
-    made = []
-
-    def make(**kw):
-        args = dict(n_ctx=512, n_threads=2, n_parallel=4, queue_size=16)
-        args.update(kw)
-        rt = load(gguf_files["q8_0"], **args)
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        rt.close()
+    return lambda **kw: runtimes("q8_0", **{"n_parallel": 4, "queue_size": 16, **kw})
 
 
 # --- finding 4: a dead worker fails new work at once ----------------------------------
