@@ -5,12 +5,15 @@ use (llama_kv_cache::get_n_kv: the highest used cell + 1, rounded up to 256), fo
 sequence in the batch, whether a cell belongs to that sequence or not. A cached prompt left
 in the unified KV cache keeps its cells, so every later step of every request pays for them:
 on TinyLlama-1.1B shapes, two cached 499-token prompts cost about 7% of generation speed
-(issue 15). So an entry's cells are in the KV cache only while a running job shares them.
-When the last such job ends, the entry's cells are copied to host memory with
-llama_state_seq_get_data (once: an entry's tokens never change) and removed from the KV
-cache. A later hit copies them back with llama_state_seq_set_data, under the entry's own
-sequence id, so concurrent jobs with the same prefix share one set of cells (seq_cp tags
-cells, it copies nothing).
+(issue 15). So an entry's cells are in the KV cache only while a job shares them, or while
+nothing runs at all: the scheduler parks every idle entry that a starting job does not share
+(park_idle), and parks an entry when its last job ends beside other running jobs. An entry
+whose last job ends as the server goes idle stays resident, so the next turn of a
+conversation (the most common hit) shares its cells without any copy.
+Parking copies the cells to host memory with llama_state_seq_get_data (once: an entry's
+tokens never change) and removes them from the KV cache. A later hit copies them back with
+llama_state_seq_set_data, under the entry's own sequence id, so concurrent jobs with the
+same prefix share one set of cells (seq_cp tags cells, it copies nothing).
 
 Cost of a hit on a parked entry: one copy of its K and V, tokens x n_layer x 2 x n_embd_kv
 x 2 bytes at F16: 11 MiB for 500 tokens of SmolLM2-135M or TinyLlama-1.1B, 256 MiB for 500
@@ -40,7 +43,7 @@ class CacheEntry:
     tokens: list[int]            # the prompt whose KV these cells hold, position i = tokens[i]
     last_used: float             # monotonic seconds
     pins: int = 0                # running jobs sharing these cells; resident while > 0, never evicted
-    resident: bool = True        # its cells are in the KV cache under seq_id
+    resident: bool = True        # its cells are in the KV cache under seq_id (pinned, or idle while nothing runs)
     host: bytearray | None = None  # llama_state_seq_get_data of its cells, once it has been parked
 
 
@@ -68,27 +71,33 @@ class PrefixCache:
     def best(self, tokens: list[int]) -> tuple[CacheEntry | None, int]:
         """The entry sharing the longest prefix with `tokens`, and how many tokens a job can reuse
         (never the whole prompt: its last token is evaluated to get logits); (None, 0) if none is
-        worth it. Sharing a resident entry's cells is free; bringing a parked one back puts all its
-        cells in the KV cache for the job's lifetime, which a few shared tokens (BOS, a chat
-        template's opening) do not pay for."""
+        worth it. Sharing the cells of an entry a running job pins is free; using any other entry
+        (parked, or idle and resident) keeps all its cells in the KV cache for the job's lifetime,
+        which a few shared tokens (BOS, a chat template's opening) do not pay for."""
         best = max(self.entries, key=lambda e: common_prefix(e.tokens, tokens), default=None)
         if best is None:
             return None, 0
         shared = min(common_prefix(best.tokens, tokens), len(tokens) - 1)
-        if shared <= 0 or (not best.resident and shared < self.min_restore):
+        if shared <= 0 or (best.pins == 0 and shared < self.min_restore):
             return None, 0
         return best, shared
 
     def resident_cells(self) -> int:
-        """KV cells held by entries (only pinned entries are resident)."""
+        """KV cells held by entries now (pinned ones, and idle ones while nothing runs)."""
         return sum(len(e.tokens) for e in self.entries if e.resident)
+
+    def pinned_cells(self) -> int:
+        """KV cells held by entries that running jobs share: what stays resident once a job starts
+        (park_idle moves the others out first)."""
+        return sum(len(e.tokens) for e in self.entries if e.pins > 0)
 
     def host_bytes(self) -> int:
         return sum(len(e.host) for e in self.entries if e.host is not None)
 
-    def restore_cells(self, entry: CacheEntry) -> int:
-        """KV cells a hit on `entry` adds to the cache: all of its tokens if it is parked."""
-        return 0 if entry.resident else len(entry.tokens)
+    def pin_cells(self, entry: CacheEntry) -> int:
+        """KV cells a hit on `entry` adds to pinned_cells(): all of its tokens unless a running job
+        already shares it (parked, it is copied back; idle and resident, it stays instead of being parked)."""
+        return 0 if entry.pins > 0 else len(entry.tokens)
 
     def holds(self, tokens: list[int]) -> bool:
         return any(e.tokens == tokens for e in self.entries)
@@ -125,11 +134,19 @@ class PrefixCache:
         self.entries.append(entry)
         return entry
 
-    def unpin(self, entry: CacheEntry) -> None:
-        """A job sharing the entry is done with it; the last one out parks it in host memory."""
+    def unpin(self, entry: CacheEntry, park: bool) -> None:
+        """A job sharing the entry is done with it. The last one out parks it in host memory if
+        `park` (other jobs still run, and would attend over its cells); else it stays resident
+        until a job that does not share it starts (park_idle)."""
         entry.pins -= 1
-        if entry.pins == 0 and entry.resident and entry in self.entries:
+        if park and entry.pins == 0 and entry.resident and entry in self.entries:
             self._park(entry)
+
+    def park_idle(self, keep: CacheEntry | None = None) -> None:
+        """Park every resident entry no job shares, except `keep` (the one a starting job will share)."""
+        for e in self.entries:
+            if e.pins == 0 and e.resident and e is not keep:
+                self._park(e)
 
     def _park(self, entry: CacheEntry) -> None:
         if entry.host is None:

@@ -10,21 +10,22 @@ whether it advances one sequence or eight. So:
     KV cells to n-1 more sequences (llama_memory_seq_cp: in the unified KV cache
     that only tags cells, it copies nothing), and decodes all n together;
   * a job that arrives while others run joins the batch: its prompt is evaluated
-    in chunks of at most `prefill_chunk` tokens that ride in the same llama_decode
-    as the running sequences' next tokens, so a long prompt never freezes them;
+    in chunks that ride in the same llama_decode as the running sequences' next
+    tokens, at most `prefill_chunk` prompt tokens per step, so a long prompt never
+    freezes them; several short prompts that arrive together share one step;
   * evaluated prompts are kept (runtime/prefix_cache.py: in the KV cache while a job
-    shares them, in host memory otherwise), so a later prompt that starts with the same
-    tokens copies them instead of recomputing.
+    shares them or nothing runs, in host memory otherwise), so a later prompt that
+    starts with the same tokens copies them instead of recomputing.
 
 Admission: at most n_parallel + queue_size requests are in the runtime at once
 (running, evaluating their prompt, or waiting); the next submit() gets QueueFull.
 The count does not depend on how far the worker has got, so it is exact.
 
 KV budget: the context has n_ctx cells shared by all sequences. Each cache entry
-in the KV cache counts its length; a job reserves prompt + n * max_length cells,
-less the prompt cells it shares with a cache entry (the entry is pinned, so in the
-KV cache, while the job runs), plus the entry's length when it has to be copied
-back from host memory. If llama.cpp still finds no slot (llama_decode returns 1,
+a running job shares (pinned, so in the KV cache) counts its length; idle entries
+do not, as a starting job parks them first. A job reserves prompt + n * max_length
+cells, less the prompt cells it shares with a cache entry, plus that entry's
+length when no running job shares it yet. If llama.cpp still finds no slot (llama_decode returns 1,
 e.g. after fragmentation), that is back-pressure, not a failure: the worker puts a
 prompt being evaluated back in line, and only then fails the youngest running
 request with KVCacheFull (a 503).
@@ -290,9 +291,9 @@ class Scheduler:
         the KV cache, plus this job's cells less the shared ones, plus a parked entry's length."""
         if len(self._free_ids) < job.params.num_return_sequences:
             return None
-        used = self._reserved + self.cache.resident_cells()
+        used = self._reserved + self.cache.pinned_cells()  # idle entries are parked when the job starts
         best, shared = self.cache.best(job.tokens)
-        if best is not None and used + job.cells_needed - shared + self.cache.restore_cells(best) <= self.model.n_ctx:
+        if best is not None and used + job.cells_needed - shared + self.cache.pin_cells(best) <= self.model.n_ctx:
             return best, shared
         if used + job.cells_needed <= self.model.n_ctx:
             return None, 0  # no room to bring a parked prefix back: evaluate the whole prompt
@@ -312,6 +313,9 @@ class Scheduler:
         seqs = [_Seq(job, i, self._free_ids.pop(), sm, pos=len(job.tokens)) for i, sm in enumerate(samplers)]
         ids = [s.seq_id for s in seqs]
         self._jobs[id(job)] = (job, seqs)
+        # Idle entries left resident while nothing ran would widen this job's attention: out they go,
+        # except the one it shares (a follow-up turn then needs no copy at all).
+        self.cache.park_idle(keep=best)
         # Reuse the longest cached prefix; at least one token is always evaluated for logits.
         if best is not None and not self.cache.share(best, ids[0], start):
             start = 0  # llama.cpp found no cells to put the parked prefix back
@@ -335,7 +339,7 @@ class Scheduler:
         self._waiting.appendleft(job)
 
     def _step(self) -> None:
-        """One llama_decode: every generating sequence's next token, plus a chunk of the oldest prompt."""
+        """One llama_decode: every generating sequence's next token, plus chunks of waiting prompts."""
         for s in self._active:
             if s.job.cancelled.is_set():
                 s.finish = "cancelled"
@@ -343,48 +347,60 @@ class Scheduler:
         for job in [j for j in self._prefill if j.cancelled.is_set()]:
             self._finish_job(job)  # a long prompt is not worth finishing for nobody
         gen = self._active[: self.model.config.n_batch - 1]
-        pre = self._prefill[0] if self._prefill else None
+        # Prompt chunks, oldest prompt first, several prompts per step when they fit: a burst of
+        # short requests starts together in one decode, as llama-server starts its slots. Alone,
+        # prompts fill the whole batch; beside running sequences, at most prefill_chunk tokens in
+        # all ride along, so each running token waits for at most that many prompt tokens.
+        budget = min(self.model.config.n_batch - len(gen), self.prefill_chunk) if gen else self.model.config.n_batch
+        pres: list[tuple[Job, list[int]]] = []
+        for job in self._prefill:
+            if budget <= 0:
+                break
+            chunk = job.tokens[job.cursor : job.cursor + budget]
+            pres.append((job, chunk))
+            budget -= len(chunk)
         while True:
             entries = [(s.next_token, s.pos, s.seq_id, True) for s in gen]
-            chunk: list[int] = []
-            if pre is not None:
-                room = self.model.config.n_batch - len(entries)
-                # Alone, a prompt goes at full batch size; beside running sequences, in small
-                # chunks, so that each of their tokens waits for at most prefill_chunk prompt tokens.
-                chunk = pre.tokens[pre.cursor : pre.cursor + (min(room, self.prefill_chunk) if gen else room)]
-                s0 = self._jobs[id(pre)][1][0].seq_id
-                last = pre.cursor + len(chunk) == len(pre.tokens)
-                entries += [(t, pre.cursor + k, s0, last and k == len(chunk) - 1) for k, t in enumerate(chunk)]
+            ends: list[tuple[Job, int]] = []  # prompts this decode completes, and their logits' index
+            for job, chunk in pres:
+                s0 = self._jobs[id(job)][1][0].seq_id
+                last = job.cursor + len(chunk) == len(job.tokens)
+                entries += [(t, job.cursor + k, s0, last and k == len(chunk) - 1) for k, t in enumerate(chunk)]
+                if last:
+                    ends.append((job, len(entries) - 1))
             if not entries:
                 return
             try:
                 self._compute(lambda: self.model.decode(entries))
                 break
             except KVCacheFull as e:
-                # Back-pressure, in order of least harm: put the prompt being evaluated back in line,
-                # fail the youngest running request. (The prefix cache has no cells to give: an entry
-                # is in the KV cache only while a running job shares it.)
+                # Back-pressure, in order of least harm: put prompts being evaluated back in line
+                # (all of them beside running sequences; all but the oldest when nothing runs),
+                # then fail the youngest running request. (The prefix cache has no cells to give:
+                # an idle entry is parked in host memory whenever a job runs.)
                 self.stats["kv_full_retries"] += 1
-                if pre is not None and gen:
-                    log.info("no KV slot: prompt of %d tokens goes back in line", len(pre.tokens))
-                    self._requeue(pre)
-                    pre = None
+                if pres and (gen or len(pres) > 1):
+                    keep = [] if gen else pres[:1]
+                    for job, _ in reversed(pres[len(keep):]):
+                        log.info("no KV slot: prompt of %d tokens goes back in line", len(job.tokens))
+                        self._requeue(job)
+                    pres = keep
                     continue
-                if pre is not None:  # alone and still no room: retrying would loop forever
-                    self._finish_job(pre, error=e)
+                if pres:  # one prompt alone and still no room: retrying would loop forever
+                    self._finish_job(pres[0][0], error=e)
                     return
                 victim = gen[-1].job
-                log.warning("no KV slot even with the prefix cache empty: failing one request of %d running", len(self._jobs))
+                log.warning("no KV slot even with the prefix cache parked: failing one request of %d running", len(self._jobs))
                 self._finish_job(victim, error=e)
                 gen = [s for s in gen if s.job is not victim]
         for j, s in enumerate(gen):
             s.pos += 1
             self._accept(s, self.model.sample(s.sampler, j))
-        if pre is not None:
-            pre.cursor += len(chunk)
+        for job, chunk in pres:
+            job.cursor += len(chunk)
             self.stats["prompt_tokens_evaluated"] += len(chunk)
-            if pre.cursor == len(pre.tokens):
-                self._prompt_done(pre, logits_index=len(entries) - 1)
+        for job, logits_index in ends:
+            self._prompt_done(job, logits_index)
         self._retire()
 
     def _prompt_done(self, job: Job, logits_index: int) -> None:
@@ -413,7 +429,7 @@ class Scheduler:
         own = len(tokens) - job.reused  # the cells this job evaluated itself
         if own < self.min_cached_prompt or self.cache.holds(tokens):
             return
-        if self._reserved - own + self.cache.resident_cells() + len(tokens) > self.model.n_ctx:
+        if self._reserved - own + self.cache.pinned_cells() + len(tokens) > self.model.n_ctx:
             return
         entry = self.cache.add(tokens, s0)
         if entry is None:
@@ -508,8 +524,10 @@ class Scheduler:
                 self._active.remove(s)
         self._reserved -= job.reserved
         job.reserved = 0
-        for e in job.pinned:  # after the job's own cells are gone: the last one out parks the entry
-            self.cache.unpin(e)
+        # After the job's own cells are gone. The last job out parks the entry if others still run;
+        # as the server goes idle it stays resident for the next turn of the same conversation.
+        for e in job.pinned:
+            self.cache.unpin(e, park=bool(self._jobs))
         job.pinned.clear()
         return seqs
 

@@ -34,7 +34,7 @@ def kv_is_empty(rt) -> bool:
     return all(rt.model.seq_pos_max(s) == -1 for s in range(rt.model.config.n_seq_max))
 
 
-def test_an_idle_cached_prompt_holds_no_kv_cells_and_comes_back_with_the_same_output(fresh):
+def test_a_cached_prompt_stays_resident_while_nothing_runs_and_a_follow_up_shares_it_without_a_copy(fresh):
     rt = fresh()
     cache = rt.scheduler.cache
     prompt = long_text(60)
@@ -42,18 +42,36 @@ def test_an_idle_cached_prompt_holds_no_kv_cells_and_comes_back_with_the_same_ou
     cold = rt.generate(prompt, GREEDY).completions[0].text
     idle(rt)
     [entry] = cache.entries
-    assert len(entry.tokens) == n and not entry.resident and entry.host  # parked, in host memory
-    assert kv_is_empty(rt)  # the cached prompt does not widen later steps' attention
+    assert len(entry.tokens) == n and entry.resident and entry.host is None and entry.pins == 0
+    assert rt.model.seq_pos_max(entry.seq_id) == n - 1
 
-    # A hit copies it back, gives the same greedy text as evaluating it did, and parks it again.
     before = dict(rt.scheduler.stats)
-    hot = rt.generate(prompt, GREEDY).completions[0].text
-    assert hot == cold
+    assert rt.generate(prompt, GREEDY).completions[0].text == cold
     assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
     assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 1
+    assert cache.stats["prefix_cache_restores"] == 0 and cache.stats["prefix_cache_parks"] == 0
+
+
+def test_another_prompt_parks_the_idle_entry_and_a_later_hit_brings_it_back_with_the_same_output(fresh):
+    rt = fresh()
+    cache = rt.scheduler.cache
+    a, b = long_text(60), "Other words entirely: " + long_text(50)
+    n = len(rt.prompt_tokens(a, GREEDY))
+    cold = rt.generate(a, GREEDY).completions[0].text
+    idle(rt)
+    [ea] = cache.entries
+    rt.generate(b, GREEDY)  # does not share a: a is parked before b's first decode
+    idle(rt)
+    eb = next(e for e in cache.entries if e is not ea)
+    assert not ea.resident and ea.host and rt.model.seq_pos_max(ea.seq_id) == -1
+    assert eb.resident
+
+    before = dict(rt.scheduler.stats)
+    assert rt.generate(a, GREEDY).completions[0].text == cold  # copied back from host memory
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
     assert cache.stats["prefix_cache_restores"] == 1
     idle(rt)
-    assert kv_is_empty(rt) and not entry.resident
+    assert ea.resident and not eb.resident and rt.model.seq_pos_max(eb.seq_id) == -1
 
 
 def test_a_longer_prompt_reuses_a_parked_prefix_and_matches_a_runtime_without_a_cache(fresh):
@@ -82,6 +100,7 @@ def test_a_refused_restore_evaluates_the_prompt_instead(fresh, monkeypatch):
     rt = fresh()
     prompt = long_text(60)
     expected = rt.generate(prompt, GREEDY).completions[0].text
+    rt.generate("Other words entirely: " + long_text(50), GREEDY)  # parks the first prompt
     idle(rt)
     monkeypatch.setattr(rt.model, "set_seq_state", lambda seq, state: False)  # llama.cpp: no free cells
     before = rt.scheduler.stats["prompt_tokens_evaluated"]
@@ -100,7 +119,7 @@ def test_host_copies_stay_within_the_context_size_and_the_entry_count(fresh):
     idle(rt)
     assert 1 <= len(cache.entries) <= 3
     assert sum(len(e.tokens) for e in cache.entries) <= rt.model.n_ctx
-    assert kv_is_empty(rt)
+    assert sum(e.resident for e in cache.entries) <= 1  # only the last prompt, while nothing runs
 
 
 # --- --kv-type -----------------------------------------------------------------------
@@ -113,8 +132,9 @@ def test_a_q8_0_kv_cache_loads_generates_and_takes_about_half_the_memory(fresh):
         r = rt.generate(prompt, GREEDY)
         assert r.completions[0].generated_tokens > 0
         idle(rt)
-    # The same prompt's KV cells, copied out: q8_0 stores 34 bytes per 32 values, f16 64.
-    size = {rt.info.kv_type: len(rt.scheduler.cache.entries[0].host) for rt in (f16, q8)}
+    # The same prompt's KV cells (its cache entry, resident while idle), copied out: q8_0 stores
+    # 34 bytes per 32 values, f16 64.
+    size = {rt.info.kv_type: len(rt.model.seq_state(rt.scheduler.cache.entries[0].seq_id)) for rt in (f16, q8)}
     assert 0.45 < size["q8_0"] / size["f16"] < 0.62, size
 
 
