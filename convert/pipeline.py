@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from runtime.quantize import QUANT_TYPES, quantize
 
 from .checkpoint import index_tensors, read_config
 from .hf_to_gguf import export_gguf
-from .store import TMP_MARK, Store, check_model_id, fsync_path, sha256_file, source_fingerprint
+from .store import TMP_MARK, Store, check_model_id, fsync_path, model_id_for, sha256_file, source_fingerprint
 from .vocab import tokenizer_model
 
 log = logging.getLogger(__name__)
@@ -58,11 +57,6 @@ def parse_quants(spec: str) -> list[str]:
         if q not in known:
             raise InvalidParameter("quant", f"{q!r} is not one of {', '.join(known)}")
     return list(dict.fromkeys(quants))
-
-
-def model_id_for(src: Path) -> str:
-    """A store id from a folder name: 'Llama-2-7b-chat-hf' -> 'llama-2-7b-chat-hf'."""
-    return check_model_id(re.sub(r"[^a-z0-9._-]+", "-", src.name.lower()).strip("-._")[:64] or "model")
 
 
 def has_chat_template(src: Path) -> bool:

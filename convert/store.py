@@ -65,6 +65,11 @@ def check_model_id(model_id: str) -> str:
     return model_id
 
 
+def model_id_for(src: Path) -> str:
+    """A store id from a folder name: 'Llama-2-7b-chat-hf' -> 'llama-2-7b-chat-hf'."""
+    return check_model_id(re.sub(r"[^a-z0-9._-]+", "-", src.name.lower()).strip("-._")[:64] or "model")
+
+
 def _is_model_id(name: str) -> bool:
     try:
         check_model_id(name)

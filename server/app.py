@@ -202,10 +202,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, pool: ModelPo
         pool = ModelPool.single(runtime) if runtime is not None else _placeholder_pool()
     st = AppState(settings, pool)
     st.metrics = Metrics(lambda: st.pool.loaded_runtimes(), settings.log_format)
-    pool.on_load, pool.on_unload = st.metrics.model_loaded, st.metrics.model_unloaded
-    for e in pool.entries.values():
-        if e.runtime is not None:
-            st.metrics.model_loaded(e.model_id, e.load_seconds)
+    pool.watch(st.metrics.model_loaded, st.metrics.model_unloaded)  # a model may finish loading meanwhile
     app.extensions["llamabox"] = st
     app.register_blueprint(predict_bp)
     app.register_blueprint(v1_bp)
@@ -333,7 +330,6 @@ def set_runtime(app: Flask, runtime: Runtime | None, load_error: str | None = No
     st: AppState = app.extensions["llamabox"]
     if runtime is not None:
         st.pool = ModelPool.single(runtime)
-        st.pool.on_load, st.pool.on_unload = st.metrics.model_loaded, st.metrics.model_unloaded
-        st.metrics.model_loaded(runtime.info.model_id, runtime.info.load_seconds)
+        st.pool.watch(st.metrics.model_loaded, st.metrics.model_unloaded)
     else:
         st.pool.set_loaded(st.pool.default_id, None, load_error)

@@ -60,7 +60,7 @@ def resolve_model(ref: str | None, store) -> ResolvedModel:
     if ref.endswith(".gguf") or os.sep in ref:
         if not p.is_file():
             raise ModelNotFound(f"no model file at {p}")
-        from convert.pipeline import model_id_for
+        from convert.store import model_id_for  # not convert.pipeline: that imports the converter and llama.cpp
 
         return ResolvedModel(p, model_id_for(Path(p.stem.split(".")[0])), False, None)
     mf = store.resolve(ref)
@@ -148,7 +148,6 @@ def _pool_entries(refs: list[str], settings: Settings, store):
 
 def cmd_serve(args) -> int:
     from convert.store import Store
-    from server.app import create_app, make_server
     from server.pool import DEFAULT_BUDGET_SHARE, GiB, ModelPool, available_memory
 
     store = Store()
@@ -193,12 +192,15 @@ def cmd_serve(args) -> int:
     pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call), budget,
                      settings.keep_alive_s, compute=compute)
     _raise_open_file_limit(settings.max_connections + 64)
-    app = create_app(settings, pool=pool)
-    server = make_server(app, settings)
     failed: list[str] = []
     default = entries[0]
+    made: list = []                   # the HTTP server, once this thread has made it
+    made_or_not = threading.Event()   # set when it exists, or when making it failed
 
     def load_in_background():
+        # Started before Flask is even imported: llama.cpp reads the weights (without the GIL)
+        # while this thread imports the app and binds the port, so a start costs the longer of
+        # the two instead of their sum (issue 15: load time against llama-server).
         # The loader's owner is the serve loop below: if the default model fails, it records why
         # and stops the loop, which then prints the reason and exits non-zero. Other models that
         # fail stay failed, with their own 503s; the rest keep serving.
@@ -214,7 +216,24 @@ def cmd_serve(args) -> int:
             if not isinstance(e, LlamaboxError):
                 log.exception("loading %s failed", default.model_id)
             failed.append(msg)
-            server.request_stop()  # a server that cannot load its default model is no server
+            made_or_not.wait()
+            if made:
+                made[0].request_stop()  # a server that cannot load its default model is no server
+
+    loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
+    loader.start()
+    try:
+        from server.app import create_app, make_server
+
+        app = create_app(settings, pool=pool)
+        server = make_server(app, settings)
+        made.append(server)
+    except BaseException:
+        made_or_not.set()
+        loader.join()  # a load must not be cut off by interpreter exit (llama.cpp's statics go first)
+        pool.close()
+        raise
+    made_or_not.set()
 
     url = f"http://{settings.host}:{server.effective_port}"
     print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
@@ -250,8 +269,6 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
-    loader.start()
     try:
         server.run(drain_timeout_s=settings.drain_timeout_s, idle=lambda: pool.inflight() == 0, cancel=cancel_rest)
         if signals:
@@ -385,7 +402,8 @@ def cmd_pull(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from convert.pipeline import convert, model_id_for, parse_quants
+    from convert.pipeline import convert, parse_quants
+    from convert.store import model_id_for
     from convert.pull import fetch_source
     from convert.store import Store
 

@@ -13,9 +13,9 @@ against the file's size, and a malformed header raises ValueError.
 from __future__ import annotations
 
 import os
+import mmap
 import struct
 from pathlib import Path
-from typing import BinaryIO
 
 import gguf
 
@@ -26,73 +26,100 @@ MAX_KV = 1 << 20          # keys in one header; real files have tens
 MAX_KEY_BYTES = 1 << 16
 
 
-def _read(f: BinaryIO, n: int) -> bytes:
-    b = f.read(n)
-    if len(b) != n:
-        raise ValueError("truncated GGUF header")
-    return b
+class _Cursor:
+    """Reads forward through the mapped file; every read is checked against its end. Mapped, not
+    read: only the header's pages are touched, and a 49k-string vocabulary is skipped with one
+    unpack per string (about 15 ms) instead of a read and a seek each (about 100 ms)."""
 
+    def __init__(self, buf: mmap.mmap, size: int):
+        self.buf, self.size, self.off = buf, size, 0
 
-def _u64(f: BinaryIO) -> int:
-    return struct.unpack("<Q", _read(f, 8))[0]
+    def take(self, n: int) -> bytes:
+        if self.off + n > self.size:
+            raise ValueError("truncated GGUF header")
+        b = self.buf[self.off : self.off + n]
+        self.off += n
+        return b
 
+    def unpack(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.off + n > self.size:
+            raise ValueError("truncated GGUF header")
+        v = struct.unpack_from(fmt, self.buf, self.off)[0]
+        self.off += n
+        return v
 
-def _skip_string(f: BinaryIO, size: int) -> None:
-    n = _u64(f)
-    if f.tell() + n > size:
-        raise ValueError("GGUF string runs past the end of the file")
-    f.seek(n, os.SEEK_CUR)
+    def type(self) -> T:
+        code = self.unpack("<I")
+        try:
+            return T(code)
+        except ValueError:
+            raise ValueError(f"unknown GGUF value type {code}") from None
 
+    def string_length(self) -> int:
+        n = self.unpack("<Q")
+        if self.off + n > self.size:
+            raise ValueError("GGUF string runs past the end of the file")
+        return n
 
-def _type(f: BinaryIO) -> T:
-    code = struct.unpack("<I", _read(f, 4))[0]
-    try:
-        return T(code)
-    except ValueError:
-        raise ValueError(f"unknown GGUF value type {code}") from None
+    def skip_strings(self, count: int) -> None:
+        buf, size, off, unpack = self.buf, self.size, self.off, struct.unpack_from
+        for _ in range(count):
+            if off + 8 > size:
+                raise ValueError("truncated GGUF header")
+            off += 8 + unpack("<Q", buf, off)[0]
+            if off > size:
+                raise ValueError("GGUF string runs past the end of the file")
+        self.off = off
 
 
 def read_header(path: Path) -> dict[str, object]:
     """{key: value} for scalar and string fields; {key: ("array", count)} for arrays."""
-    size = path.stat().st_size
-    out: dict[str, object] = {}
     with open(path, "rb") as f:
-        if _read(f, 4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version = struct.unpack("<I", _read(f, 4))[0]
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not 2 or 3")
-        _u64(f)  # tensor count: not needed
-        n_kv = _u64(f)
-        if n_kv > MAX_KV:
-            raise ValueError(f"GGUF header claims {n_kv} keys")
-        for _ in range(n_kv):
-            n = _u64(f)
-            if n > MAX_KEY_BYTES:
-                raise ValueError(f"GGUF key of {n} bytes")
-            key = _read(f, n).decode("utf-8", errors="replace")
-            vtype = _type(f)
-            if vtype == T.STRING:
-                n = _u64(f)
-                if f.tell() + n > size:
-                    raise ValueError("GGUF string runs past the end of the file")
-                out[key] = _read(f, n).decode("utf-8", errors="replace") if n <= 4096 else None
-            elif vtype == T.ARRAY:
-                etype, count = _type(f), _u64(f)
-                if etype == T.STRING:
-                    if count > size // 8:
-                        raise ValueError(f"GGUF array of {count} strings in a {size}-byte file")
-                    for _ in range(count):
-                        _skip_string(f, size)
-                elif etype in _SCALAR:
-                    nbytes = count * struct.calcsize(_SCALAR[etype])
-                    if f.tell() + nbytes > size:
-                        raise ValueError("GGUF array runs past the end of the file")
-                    f.seek(nbytes, os.SEEK_CUR)
-                else:  # arrays of arrays: no Llama GGUF has them
-                    raise ValueError(f"GGUF array of {etype.name} is not supported")
-                out[key] = ("array", count)
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError("truncated GGUF header" if size >= 4 or not size else "not a GGUF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _read(_Cursor(buf, size))
+
+
+def _read(c: _Cursor) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if c.take(4) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version = c.unpack("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not 2 or 3")
+    c.unpack("<Q")  # tensor count: not needed
+    n_kv = c.unpack("<Q")
+    if n_kv > MAX_KV:
+        raise ValueError(f"GGUF header claims {n_kv} keys")
+    for _ in range(n_kv):
+        n = c.unpack("<Q")
+        if n > MAX_KEY_BYTES:
+            raise ValueError(f"GGUF key of {n} bytes")
+        key = c.take(n).decode("utf-8", errors="replace")
+        vtype = c.type()
+        if vtype == T.STRING:
+            n = c.string_length()
+            if n <= 4096:
+                out[key] = c.take(n).decode("utf-8", errors="replace")
             else:
-                fmt = _SCALAR[vtype]
-                out[key] = struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
+                out[key], c.off = None, c.off + n
+        elif vtype == T.ARRAY:
+            etype, count = c.type(), c.unpack("<Q")
+            if etype == T.STRING:
+                if count > c.size // 8:
+                    raise ValueError(f"GGUF array of {count} strings in a {c.size}-byte file")
+                c.skip_strings(count)
+            elif etype in _SCALAR:
+                nbytes = count * struct.calcsize(_SCALAR[etype])
+                if c.off + nbytes > c.size:
+                    raise ValueError("GGUF array runs past the end of the file")
+                c.off += nbytes
+            else:  # arrays of arrays: no Llama GGUF has them
+                raise ValueError(f"GGUF array of {etype.name} is not supported")
+            out[key] = ("array", count)
+        else:
+            out[key] = c.unpack(_SCALAR[vtype])
     return out

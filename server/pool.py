@@ -155,6 +155,16 @@ class ModelPool:
             self._reaper = threading.Thread(target=self._reap, name="llamabox-keep-alive", daemon=True)
             self._reaper.start()
 
+    def watch(self, on_load: Callable[[str, float], None], on_unload: Callable[[str], None]) -> None:
+        """Set the load/unload hooks, and report every model already loaded to on_load: exactly once
+        each, even while a load finishes on another thread (serve starts loading before the app exists).
+        A load reports through the hook it reads under the lock where it marks the model loaded."""
+        with self._lock:
+            self.on_load, self.on_unload = on_load, on_unload
+            loaded = [(e.model_id, e.load_seconds) for e in self.entries.values() if e.runtime is not None]
+        for model_id, seconds in loaded:
+            on_load(model_id, seconds)
+
     @classmethod
     def single(cls, runtime, budget_bytes: int = 0) -> "ModelPool":
         """One model that is already loaded (tests, and create_app(settings, runtime))."""
@@ -265,9 +275,10 @@ class ModelPool:
             e.last_used = time.monotonic()
             e.done_loading.set()
             self._lock.notify_all()
+            on_load = self.on_load  # read with the state change: see watch()
         log.info("loaded %s in %.1fs: %.0f MiB resident (estimated %.0f MiB)", e.model_id, seconds, e.cost / 2**20,
                  e.estimate_bytes / 2**20)
-        self.on_load(e.model_id, seconds)
+        on_load(e.model_id, seconds)
         return rt
 
     def preload(self, model_ids: list[str]) -> None:
@@ -287,8 +298,9 @@ class ModelPool:
             elif error is not None:
                 e.state, e.error = "failed", error
             e.done_loading.set()
+            on_load = self.on_load  # read with the state change: see watch()
         if runtime is not None:
-            self.on_load(model_id, runtime.info.load_seconds)
+            on_load(model_id, runtime.info.load_seconds)
 
     def _reap(self) -> None:
         try:
