@@ -142,7 +142,7 @@ def _pool_entries(refs: list[str], settings: Settings, store):
             raise InvalidParameter("model", f"{ref!r} and {seen[r.model_id]!r} are both served as {r.model_id!r}; serve each once")
         seen[r.model_id] = ref
         entries.append(Entry(r.model_id, r.path, chat=r.chat, quant=r.quant, file_bytes=r.path.stat().st_size,
-                             estimate_bytes=estimate_cost(r.path, settings.n_ctx)))
+                             estimate_bytes=estimate_cost(r.path, settings.n_ctx, kv_type=settings.kv_type)))
     return entries
 
 

@@ -94,13 +94,19 @@ def available_memory() -> int:
 DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
 
 
-def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512) -> int:
-    """Bytes a model will take once loaded: weights (the file), the F16 KV cache for n_ctx
-    cells, and compute buffers (logits and activations for one n_batch batch). Reads the
-    GGUF's metadata only. A file we cannot read costs its size (the load will say why)."""
+def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512, kv_type: str = "f16") -> int:
+    """Bytes a model will take once loaded: weights (the file), the KV cache for n_ctx cells
+    in kv_type (--kv-type), and compute buffers (logits and activations for one n_batch
+    batch). Reads the GGUF's metadata only. A file we cannot read costs its size (the load
+    will say why)."""
     import gguf
 
+    from runtime.kv_types import KV_CACHE_TYPES
+
     from .gguf_header import read_header
+
+    # (elements per block, bytes per block) of the cache's ggml type: f16 (1, 2), q8_0 (32, 34)
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(KV_CACHE_TYPES[kv_type])]
 
     size = path.stat().st_size
     try:
@@ -123,7 +129,7 @@ def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:  # malformed metadata: the loader reports it properly
         log.debug("cannot read %s's shapes (%s); estimating its file size", path.name, e)
         return size
-    kv = 2 * n_layer * n_ctx * (n_embd // n_head) * n_head_kv * 2      # K and V, F16
+    kv = 2 * n_layer * n_ctx * (n_embd // n_head) * n_head_kv * block_bytes // block  # K and V
     # llama.cpp's CPU compute buffer for one n_batch batch, F32: activations (~16 vectors of
     # n_embd per token), one layer's attention scores (n_batch x n_ctx per head), logits for a
     # few outputs. An estimate: the load measures the real cost (RSS delta) and that replaces it.

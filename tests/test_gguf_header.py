@@ -43,3 +43,16 @@ def test_a_malformed_header_is_a_value_error_not_a_hang_or_a_huge_allocation(tmp
     with pytest.raises(ValueError, match=why):
         read_header(path)
     assert estimate_cost(path, 512) == len(data)  # the pool falls back to the file's size
+
+
+def test_the_estimate_counts_the_kv_cache_in_its_kv_type(gguf_files):
+    """--kv-type q8_0 stores 34 bytes per 32 values where f16 stores 64: the estimate shrinks by
+    exactly that share of the KV cache, and nothing else changes."""
+    path = gguf_files["q8_0"]
+    h = read_header(path)
+    arch = h[gguf.Keys.General.ARCHITECTURE]
+    key = lambda k: h[k.format(arch=arch)]  # noqa: E731
+    head_dim = key(gguf.Keys.LLM.EMBEDDING_LENGTH) // key(gguf.Keys.Attention.HEAD_COUNT)
+    kv_f16 = 2 * key(gguf.Keys.LLM.BLOCK_COUNT) * 512 * head_dim * key(gguf.Keys.Attention.HEAD_COUNT_KV) * 2
+    f16, q8 = estimate_cost(path, 512), estimate_cost(path, 512, kv_type="q8_0")
+    assert f16 - q8 == kv_f16 - kv_f16 * 34 // 64
