@@ -29,6 +29,11 @@ Token counts: llama-server gets ignore_eos; llamabox stops at EOS, so each round
 usage) are compared and any difference is printed and kept in the JSON. Rates are each server's
 own tokens over its own wall time.
 
+--python-server adds llama-cpp-python's own server (python -m llama_cpp.server, one request at a
+time) to the 1- and 4-client measures, and prints llamabox / it (issue 15's target there: >= 2.5 at
+4 clients). Its dependencies are pip-installed once into bench/scratch/lcp-server-deps, apart from
+the project's venv; it runs the venv's llama_cpp, so all three servers run the same llama.cpp.
+
 Writes bench/out/peers-<model>[-<kv type>].json.
 """
 from __future__ import annotations
@@ -90,6 +95,9 @@ class Peer:
     # runs to max_tokens (finish_reason "length"), so the total is that count times n.
     usage_is_per_choice: bool = False
     cwd: Path = ROOT
+    env: dict | None = None    # extra environment variables
+    health: str = "/health"    # answers 200 once the model is loaded
+    measures: set | None = None  # the measures this server takes part in (None: all)
     proc: subprocess.Popen | None = None
     url: str = ""
     model_id: str = ""
@@ -101,14 +109,16 @@ class Peer:
         LOGS.mkdir(parents=True, exist_ok=True)
         log = open(LOGS / f"{self.name}.log", "ab")
         t = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv + [self.port_flag, str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.argv + [self.port_flag, str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     env=env)
         log.close()
         deadline = t + timeout_s
         while True:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.name} exited with {self.proc.returncode} while starting; see {LOGS / (self.name + '.log')}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + self.health, timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
@@ -171,6 +181,26 @@ def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel
     if kv_type:
         argv += ["-ctk", kv_type, "-ctv", kv_type]
     return Peer("llama-server", argv, "--port", extra_body={"ignore_eos": True}, usage_is_per_choice=True)
+
+
+# llama-cpp-python's own OpenAI server (python -m llama_cpp.server), for "≥ 2.5x at 4 clients".
+# Its extra dependencies go to a folder of their own, never into the project's venv; it runs the
+# venv's llama_cpp, so the same llama.cpp as both other servers.
+LCP_DEPS = ROOT / "bench" / "scratch" / "lcp-server-deps"
+LCP_REQUIREMENTS = ["uvicorn>=0.22.0", "fastapi>=0.100.0", "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1",
+                    "starlette-context>=0.3.6,<0.4", "PyYAML>=5.1"]  # llama-cpp-python 0.3.36's [server] extra
+
+
+def llama_cpp_python_peer(model: str, threads: int, ctx: int) -> Peer:
+    """One request at a time (that server has no batching); read mode and flash attention as the others."""
+    if not (LCP_DEPS / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(LCP_DEPS), *LCP_REQUIREMENTS],
+                       check=True)
+        (LCP_DEPS / ".complete").write_text("")
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(ctx), "--n_threads", str(threads),
+            "--n_threads_batch", str(threads), "--use_mmap", "false", "--flash_attn", "true", "--host", "127.0.0.1"]
+    return Peer("llama-cpp-python", argv, "--port", env={"PYTHONPATH": str(LCP_DEPS)}, health="/v1/models",
+                measures={"fresh_gen1", "fresh_clients4", "gen1", "clients4"})
 
 
 def text_of(n_words: int, salt: str) -> str:
@@ -251,6 +281,8 @@ class Bench:
             out[name] = {}
             self._salt += 1
             for p in order:
+                if p.measures is not None and name not in p.measures:
+                    continue
                 time.sleep(0.3)  # let the other server's OpenMP threads stop spinning
                 v, toks, ptoks = fn(p)
                 out[name][p.name] = {"value": v, "tokens": toks, "prompt_tokens": ptoks}
@@ -293,11 +325,14 @@ LOWER_IS_BETTER = {"n4", "prefix", "load", "rss_after_load", "peak_rss"}
 def summarize(rounds: list[dict], a: str, b: str) -> dict:
     out = {}
     for m in rounds[0]:
-        ratios = [rd[m][a]["value"] / rd[m][b]["value"] for rd in rounds]
-        mismatched = [(i, rd[m][a]["tokens"], rd[m][b]["tokens"]) for i, rd in enumerate(rounds)
+        both = [rd for rd in rounds if a in rd[m] and b in rd[m]]
+        if not both:
+            continue  # a measure one of them does not take part in
+        ratios = [rd[m][a]["value"] / rd[m][b]["value"] for rd in both]
+        mismatched = [(i, rd[m][a]["tokens"], rd[m][b]["tokens"]) for i, rd in enumerate(both)
                       if rd[m][a]["tokens"] != rd[m][b]["tokens"] or rd[m][a]["prompt_tokens"] != rd[m][b]["prompt_tokens"]]
         out[m] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "ratios": ratios,
-                  a: statistics.median(rd[m][a]["value"] for rd in rounds), b: statistics.median(rd[m][b]["value"] for rd in rounds),
+                  a: statistics.median(rd[m][a]["value"] for rd in both), b: statistics.median(rd[m][b]["value"] for rd in both),
                   "lower_is_better": m in LOWER_IS_BETTER, "token_mismatches": mismatched}
     return out
 
@@ -327,6 +362,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", help="comma-separated measures to run (default all), e.g. fresh_gen1,gen1,clients4,prefix")
     ap.add_argument("--tag", default="", help="suffix for the JSON file name")
+    ap.add_argument("--python-server", action="store_true",
+                    help="also run llama-cpp-python's own server (1-client and 4-client measures); its dependencies "
+                         "are installed into bench/scratch/lcp-server-deps on first use")
     ap.add_argument("--baseline", type=Path, help="another llamabox checkout (git worktree) to run as a third arm, "
                                                   "'llamabox-base', e.g. the commit before a change")
     args = ap.parse_args()
@@ -341,6 +379,8 @@ def main() -> int:
     if args.baseline:
         peers.append(llamabox_peer(model, args.threads, args.ctx, args.parallel, args.kv_type, args.baseline.resolve(),
                                    "llamabox-base"))
+    if args.python_server:
+        peers.append(llama_cpp_python_peer(model, args.threads, args.ctx))
     try:
         peers[1].start()
         long_words = long_prompt_words(peers[1])
@@ -354,14 +394,17 @@ def main() -> int:
     finally:
         for p in peers:
             p.stop()
-    summary = {p.name: summarize(bench.rounds, p.name, "llama-server") for p in peers if p.name != "llama-server"}
-    for name, summ in summary.items():
-        print(f"\n  {'measure':16} {name:>14} {'llama-server':>13}   {name} / llama-server: median [range]  target")
-        for m, s in summ.items():
+    pairs = [(p.name, "llama-server") for p in peers if p.name != "llama-server"]
+    if args.python_server:  # its target: llamabox / llama-cpp-python's server at 4 clients >= 2.5
+        pairs = [x for x in pairs if x[0] != "llama-cpp-python"] + [("llamabox", "llama-cpp-python")]
+    summary = {f"{a} / {b}": summarize(bench.rounds, a, b) for a, b in pairs}
+    for a, b in pairs:
+        print(f"\n  {'measure':16} {a:>16} {b:>16}   {a} / {b}: median [range]  target")
+        for m, s in summary[f"{a} / {b}"].items():
             target = "<= 1" if s["lower_is_better"] else ">= 1"
             met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
             warn = f"  token counts differ in rounds {[x[0] for x in s['token_mismatches']]}" if s["token_mismatches"] else ""
-            print(f"  {m:16} {s[name]:14.2f} {s['llama-server']:13.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
+            print(f"  {m:16} {s[a]:16.2f} {s[b]:16.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
                   f"  {target} {'met' if met else 'MISSED'}{warn}")
     dest = ROOT / "bench" / "out"
     dest.mkdir(exist_ok=True)
