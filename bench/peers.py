@@ -30,7 +30,7 @@ usage) are compared and any difference is printed and kept in the JSON. Rates ar
 own tokens over its own wall time.
 
 --python-server adds llama-cpp-python's own server (python -m llama_cpp.server, one request at a
-time) to the 1- and 4-client measures, and prints llamabox / it (issue 15's target there: >= 2.5 at
+time) to the 1- and 4-client measures (and to load and memory), and prints llamabox / it (issue 15's target there: >= 2.5 at
 4 clients). Its dependencies are pip-installed once into bench/scratch/lcp-server-deps, apart from
 the project's venv; it runs the venv's llama_cpp, so all three servers run the same llama.cpp.
 
@@ -199,7 +199,8 @@ def llama_cpp_python_peer(model: str, threads: int, ctx: int) -> Peer:
         (LCP_DEPS / ".complete").write_text("")
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(ctx), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--use_mmap", "false", "--flash_attn", "true", "--host", "127.0.0.1"]
-    return Peer("llama-cpp-python", argv, "--port", env={"PYTHONPATH": str(LCP_DEPS)}, health="/v1/models",
+    path = os.pathsep.join(x for x in (str(LCP_DEPS), os.environ.get("PYTHONPATH")) if x)
+    return Peer("llama-cpp-python", argv, "--port", env={"PYTHONPATH": path}, health="/v1/models",
                 measures={"fresh_gen1", "fresh_clients4", "gen1", "clients4"})
 
 

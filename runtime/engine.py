@@ -219,6 +219,7 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     compute=None,
     kv_type: str = "f16",
+    abort=None,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
 
@@ -227,13 +228,14 @@ def load(
     chat=True: the same, but no template is a ModelLoadError (the caller knows it is a chat model);
     chat=False: plain completion, whatever the GGUF holds (a base model whose repo ships a template).
     kv_type: the KV cache's element type (runtime.kv_types.KV_CACHE_TYPES); q8_0 halves its memory.
+    abort: a callable asked while the weights load; True stops the load with ModelLoadError.
     """
     path = Path(path)
     model_id = model_id or path.stem
     t0 = time.monotonic()
     config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache,
                         use_mmap=use_mmap, kv_type=kv_type)
-    model = LlamaModel(path, config)
+    model = LlamaModel(path, config, abort)
     try:
         template = _chat_template(model, chat, chat_template)
         rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, time.monotonic() - t0, prefill_chunk,

@@ -13,6 +13,7 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import llama_cpp
@@ -90,7 +91,9 @@ def check_gguf_header(path: Path) -> None:
 class LlamaModel:
     """A loaded GGUF: weights, one llama.cpp context, and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike[str], config: LoadConfig):
+    def __init__(self, path: str | os.PathLike[str], config: LoadConfig, abort: Callable[[], bool] | None = None):
+        """abort: asked as llama.cpp loads each tensor; True stops the load (ModelLoadError), so a
+        server that will not serve (a failed start, a signal) need not wait out a 7B read."""
         self.path = Path(path)
         self.config = config
         self.backend = backend_name()
@@ -109,7 +112,12 @@ class LlamaModel:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        if abort is not None:  # llama.h: loading goes on while the callback returns true
+            progress = llama_cpp.llama_progress_callback(lambda _fraction, _user_data: not abort())
+            mparams.progress_callback = progress  # (the local keeps it alive until the load returns)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model and abort is not None and abort():
+            raise ModelLoadError(f"loading {self.path} was stopped")
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: malformed or unsupported GGUF (see the log)")
         self._ctx = None

@@ -374,17 +374,15 @@ class Scheduler:
                 self._compute(lambda: self.model.decode(entries))
                 break
             except KVCacheFull as e:
-                # Back-pressure, in order of least harm: put prompts being evaluated back in line
-                # (all of them beside running sequences; all but the oldest when nothing runs),
-                # then fail the youngest running request. (The prefix cache has no cells to give:
-                # an idle entry is parked in host memory whenever a job runs.)
+                # Back-pressure, in order of least harm, one at a time: put the youngest prompt of
+                # this step back in line (the oldest stays while nothing else runs), then fail the
+                # youngest running request. (The prefix cache has no cells to give: an idle entry
+                # is parked in host memory whenever a job runs.)
                 self.stats["kv_full_retries"] += 1
-                if pres and (gen or len(pres) > 1):
-                    keep = [] if gen else pres[:1]
-                    for job, _ in reversed(pres[len(keep):]):
-                        log.info("no KV slot: prompt of %d tokens goes back in line", len(job.tokens))
-                        self._requeue(job)
-                    pres = keep
+                if len(pres) > 1 or (pres and gen):
+                    job, _ = pres.pop()
+                    log.info("no KV slot: prompt of %d tokens goes back in line", len(job.tokens))
+                    self._requeue(job)
                     continue
                 if pres:  # one prompt alone and still no room: retrying would loop forever
                     self._finish_job(pres[0][0], error=e)

@@ -69,8 +69,9 @@ def resolve_model(ref: str | None, store) -> ResolvedModel:
     return ResolvedModel(mf.path, mf.model_id, mf.model_id == DEMO_ID, mf.chat, mf.quant)
 
 
-def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None, compute=None):
-    """chat: resolve_model's verdict; --no-chat and --chat-template (settings) override it."""
+def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | None = None, compute=None, abort=None):
+    """chat: resolve_model's verdict; --no-chat and --chat-template (settings) override it.
+    abort: True stops a load in progress (runtime.load)."""
     from runtime import load
 
     template = None
@@ -86,7 +87,7 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
                 prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute,
-                kv_type=settings.kv_type)
+                kv_type=settings.kv_type, abort=abort)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -189,13 +190,28 @@ def cmd_serve(args) -> int:
         if e.estimate_bytes > budget:
             log.warning("%s needs about %.1f GiB, more than the memory budget (%.1f GiB): it will not load",
                         e.model_id, e.estimate_bytes / GiB, budget / GiB)
-    pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call), budget,
-                     settings.keep_alive_s, compute=compute)
+    # Set when this server will not serve (a signal, a failed start): a load in progress stops at
+    # its next tensor, so no exit waits out a 7B read or leaves llama.cpp loading at interpreter exit.
+    stop_loading = threading.Event()
+    pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call,
+                                                      abort=stop_loading.is_set),
+                     budget, settings.keep_alive_s, compute=compute)
     _raise_open_file_limit(settings.max_connections + 64)
     failed: list[str] = []
     default = entries[0]
-    made: list = []                   # the HTTP server, once this thread has made it
-    made_or_not = threading.Event()   # set when it exists, or when making it failed
+    live: dict = {}                   # "server" and "state" (the app's), once this thread has made them
+    made_or_not = threading.Event()   # set when they exist, or when making them failed
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        # Only flags here: the serve loop (this same thread, between iterations) does the work.
+        signals.append(signum)
+        if len(signals) > 1:  # a second signal: no more waiting
+            os._exit(128 + signum)
+        stop_loading.set()
+        if live:
+            live["state"].draining = True
+            live["server"].begin_drain()
 
     def load_in_background():
         # Started before Flask is even imported: llama.cpp reads the weights (without the GIL)
@@ -217,59 +233,49 @@ def cmd_serve(args) -> int:
                 log.exception("loading %s failed", default.model_id)
             failed.append(msg)
             made_or_not.wait()
-            if made:
-                made[0].request_stop()  # a server that cannot load its default model is no server
-
-    loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
-    loader.start()
-    try:
-        from server.app import create_app, make_server
-
-        app = create_app(settings, pool=pool)
-        server = make_server(app, settings)
-        made.append(server)
-    except BaseException:
-        made_or_not.set()
-        loader.join()  # a load must not be cut off by interpreter exit (llama.cpp's statics go first)
-        pool.close()
-        raise
-    made_or_not.set()
-
-    url = f"http://{settings.host}:{server.effective_port}"
-    print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
-    for e in entries:
-        print(f"llamabox: serving {e.model_id} from {e.path}", file=sys.stderr)
-    print(f"llamabox: POST {url}/predict  (or {url}/{ids[0]}-webhook/predict)", file=sys.stderr)
-    if len(entries) > 1:
-        print(f"llamabox: memory budget {budget / GiB:.1f} GiB for {len(entries)} models, loaded on demand", file=sys.stderr)
-    if ids[0] == DEMO_ID:
-        print(f"llamabox: {DEMO_ID} is a tiny demo model trained by llamabox, not Llama 2. Get Llama 2 with: {GET_LLAMA2}",
-              file=sys.stderr)
-    if not settings.api_keys:
-        if settings.is_loopback:
-            print("llamabox: no API key set (LLAMABOX_API_KEY or --api-key-file): listening on loopback only", file=sys.stderr)
-        else:
-            print("llamabox: WARNING: no API key and --insecure-no-auth: anyone who can reach this port can use it", file=sys.stderr)
-    sys.stderr.flush()
-
-    signals = []
-    st = app.extensions["llamabox"]
-
-    def on_signal(signum, _frame):
-        # Only flags here: the serve loop (this same thread, between iterations) does the work.
-        signals.append(signum)
-        if len(signals) > 1:  # a second signal: no more waiting
-            os._exit(128 + signum)
-        st.draining = True
-        server.begin_drain()
+            if live:
+                live["server"].request_stop()  # a server that cannot load its default model is no server
 
     def cancel_rest() -> None:
         log.warning("drain timeout (%gs): cancelling %d requests still in flight", settings.drain_timeout_s, pool.inflight())
         pool.close()  # fails what is left with ShuttingDown: 503 + Retry-After
 
+    # Handlers first: from the loader's start on, every way out goes through the finally below.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    loader = threading.Thread(target=load_in_background, name="llamabox-load", daemon=True)
+    loader.start()
+    server = None
     try:
+        try:
+            from server.app import create_app, make_server
+
+            app = create_app(settings, pool=pool)
+            server = make_server(app, settings)
+            live.update(server=server, state=app.extensions["llamabox"])
+        finally:
+            made_or_not.set()
+        if signals:  # one arrived while the app was being made
+            live["state"].draining = True
+            server.begin_drain()
+
+        url = f"http://{settings.host}:{server.effective_port}"
+        print(f"llamabox: CPU backend: {cpu_backend().describe()}", file=sys.stderr)
+        for e in entries:
+            print(f"llamabox: serving {e.model_id} from {e.path}", file=sys.stderr)
+        print(f"llamabox: POST {url}/predict  (or {url}/{ids[0]}-webhook/predict)", file=sys.stderr)
+        if len(entries) > 1:
+            print(f"llamabox: memory budget {budget / GiB:.1f} GiB for {len(entries)} models, loaded on demand", file=sys.stderr)
+        if ids[0] == DEMO_ID:
+            print(f"llamabox: {DEMO_ID} is a tiny demo model trained by llamabox, not Llama 2. Get Llama 2 with: {GET_LLAMA2}",
+                  file=sys.stderr)
+        if not settings.api_keys:
+            if settings.is_loopback:
+                print("llamabox: no API key set (LLAMABOX_API_KEY or --api-key-file): listening on loopback only", file=sys.stderr)
+            else:
+                print("llamabox: WARNING: no API key and --insecure-no-auth: anyone who can reach this port can use it", file=sys.stderr)
+        sys.stderr.flush()
+
         server.run(drain_timeout_s=settings.drain_timeout_s, idle=lambda: pool.inflight() == 0, cancel=cancel_rest)
         if signals:
             name = signal.Signals(signals[0]).name
@@ -279,9 +285,13 @@ def cmd_serve(args) -> int:
             else:
                 log.info("%s: drained; every request in flight finished", name)
     finally:
-        loader.join() if not signals else None  # after a load failure, `failed` is complete before we read it
+        stop_loading.set()  # a load still running stops at its next tensor...
+        loader.join()       # ...so this is quick, and llama.cpp is never mid-load at interpreter exit
         pool.close()  # fails what still waits (503), so the request threads can finish
-        server.close()
+        if server is not None:
+            server.close()
+    if signals:
+        return 0
     if failed:
         return _die(f"could not load {default.model_id}: {failed[0]}")
     return 0

@@ -76,11 +76,14 @@ class _Cursor:
 def read_header(path: Path) -> dict[str, object]:
     """{key: value} for scalar and string fields; {key: ("array", count)} for arrays."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise ValueError("truncated GGUF header" if size >= 4 or not size else "not a GGUF file")
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        if os.fstat(f.fileno()).st_size < 24:  # magic, version, tensor and key counts
+            raise ValueError("truncated GGUF header")
+        # The mapping's own length bounds every read (the file may have changed since fstat). A
+        # file cut short while mapped would be SIGBUS: the store only ever renames whole files in.
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _read(_Cursor(buf, size))
+            return _read(_Cursor(buf, len(buf)))
 
 
 def _read(c: _Cursor) -> dict[str, object]:

@@ -36,6 +36,10 @@ def _key(name: str, vtype: int) -> bytes:
     (_header(_key("a", 9) + struct.pack("<IQ", 8, 2**60), 1), "strings"),
     (_header(_key("a", 9) + struct.pack("<IQ", 4, 2**60), 1), "past the end"),
     (_header(_key("a", 4), 1), "truncated"),
+    (b"", "not a GGUF"),
+    (b"GG", "not a GGUF"),
+    (b"GGUF" + bytes(3), "truncated"),
+    (b"GGML" + bytes(3), "not a GGUF"),
 ])
 def test_a_malformed_header_is_a_value_error_not_a_hang_or_a_huge_allocation(tmp_path, data, why):
     path = tmp_path / "bad.gguf"

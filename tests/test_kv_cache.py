@@ -146,3 +146,23 @@ def test_an_unknown_kv_type_is_refused_naming_the_flag(gguf_files):
                            "hi"], capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 2, proc.stderr
     assert "--kv-type" in proc.stderr and "int3" in proc.stderr
+
+
+def test_an_idle_prefix_of_a_longer_cached_prompt_is_dropped_not_copied_to_host(fresh):
+    """Turn 1 of a chat is a prefix of turn 2: once turn 2 is cached, turn 1's entry can only ever
+    match less, so when another prompt starts it is dropped, and only turn 2 goes to host memory."""
+    rt = fresh()
+    cache = rt.scheduler.cache
+    turn1 = long_text(60)
+    rt.generate(turn1, GREEDY)
+    idle(rt)
+    [e1] = cache.entries
+    rt.generate(turn1 + " " + long_text(40), GREEDY)  # shares turn 1's cells, adds 40+ of its own
+    idle(rt)
+    [e2] = [e for e in cache.entries if e is not e1]
+    assert e2.tokens[: len(e1.tokens)] == e1.tokens and e1.resident and e2.resident
+    parks = cache.stats["prefix_cache_parks"]
+    rt.generate("Other words entirely: " + long_text(50), GREEDY)
+    idle(rt)
+    assert e1 not in cache.entries and e1.host is None
+    assert not e2.resident and e2.host and cache.stats["prefix_cache_parks"] == parks + 1

@@ -12,7 +12,7 @@ import pytest
 
 from prompts import GREEDY, long_text
 from runtime import GenerationParams
-from runtime.errors import KVCacheFull, QueueFull, ShuttingDown, WorkerDied
+from runtime.errors import KVCacheFull, ModelLoadError, QueueFull, ShuttingDown, WorkerDied
 from runtime.model import LlamaModel, LoadConfig
 
 @pytest.fixture()
@@ -92,6 +92,17 @@ def test_llama_decode_without_a_free_cell_raises_kv_cache_full(gguf_files):
         m.decode([(1, 0, 1, True)])  # recoverable: with room again, the same batch goes through
     finally:
         m.close()
+
+
+def test_a_load_asked_to_stop_stops_with_a_load_error(gguf_files):
+    """serve stops a load in progress when it will not serve (a signal, a failed start): llama.cpp
+    asks the callback at each tensor, and the load ends with ModelLoadError, nothing left half made."""
+    asked = []
+    with pytest.raises(ModelLoadError, match="stopped"):
+        LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=256, n_threads=2), abort=lambda: asked.append(1) or True)
+    assert asked
+    m = LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=256, n_threads=2), abort=lambda: False)  # never asked to stop
+    m.close()
 
 
 def _inject_kv_full(monkeypatch, model, times: int):
@@ -229,6 +240,33 @@ def test_short_prompts_that_arrive_together_start_in_one_decode(fresh, monkeypat
     # The next decode carries all three prompts (and Hello's next token, unless it ended at once).
     per_seq = collections.Counter(seq for _tok, _pos, seq, _logits in batches[1])
     assert sum(n > 1 for n in per_seq.values()) == 3, per_seq
+
+
+def test_no_kv_slot_for_a_burst_puts_its_youngest_prompt_back_and_all_finish(fresh, monkeypatch):
+    """Three prompts in one step with nothing else running meet "no KV slot": the youngest goes
+    back in line, the other two are retried at once, and all three finish."""
+    rt = fresh(n_cache=0, prefill_chunk=200)
+    real, calls = rt.model.decode, []
+    inside, gate = threading.Event(), threading.Event()
+
+    def decode(entries):  # the real decode, except: the 1st waits for the burst, the 2nd finds no slot
+        calls.append(entries)
+        if len(calls) == 1:
+            inside.set()
+            assert gate.wait(10)
+        if len(calls) == 2:
+            raise KVCacheFull("injected: no KV slot")
+        return real(entries)
+
+    monkeypatch.setattr(rt.model, "decode", decode)
+    first = rt.submit("Hello", GenerationParams(max_length=1, temperature=0.0))  # done after its prompt
+    assert inside.wait(10)
+    jobs = [rt.submit(f"Story {i}: once upon a time", GREEDY) for i in range(3)]
+    gate.set()
+    assert all(j.future.result(60).completions[0].generated_tokens > 0 for j in jobs + [first])
+    assert rt.scheduler.stats["kv_full_retries"] == 1
+    seqs = [{seq for _t, _p, seq, _l in c} for c in calls[1:3]]
+    assert len(seqs[0]) == 3 and seqs[1] < seqs[0] and len(seqs[1]) == 2  # the same step less its youngest
 
 
 # --- finding 8 (capacity) and 10 (tokenizing) -----------------------------------------
