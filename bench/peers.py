@@ -20,7 +20,7 @@ A round restarts both servers (order rotated), then measures, each arm in rotate
     n4        one request for n=4 completions (llama-server: n_cmpl)           wall s
     prefix    a request whose 500-token prefix is cached, 1 token out         wall s
     prefix3   3 clients sharing one cached 500-token prefix                   total tok/s
-  load      process start until /health answers 200                           s
+  load      process start until /health answers 200, alone (no other server running)  s
   memory    RSS after load (one short request served), peak RSS over the round
 Every ratio is llamabox / llama-server per round; the median and range over rounds are printed.
 Rates: higher is better (target >= 1); times (n4, prefix, load, memory): lower is better (<= 1).
@@ -291,9 +291,14 @@ class Bench:
         for p in self.peers:
             p.stop()
         self._sessions.clear()
+        # Load time with no other server alive (a second loader is slowed by the first's memory,
+        # which made this figure depend on the start order); then all start again for the rest.
         out["load"] = {}
         for p in order:
             out["load"][p.name] = {"value": p.start(), "tokens": 0, "prompt_tokens": 0}
+            p.stop()
+        for p in order:
+            p.start()
         for p in order:  # one short request, so each has run its first decode
             p.complete(self.session(p), "Hello", 2)
         out["rss_after_load"] = {p.name: {"value": p.rss_mib(), "tokens": 0, "prompt_tokens": 0} for p in self.peers}

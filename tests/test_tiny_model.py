@@ -8,6 +8,7 @@ import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,19 +68,24 @@ def test_serve_without_model_serves_the_demo_over_http(tmp_path):
     env.pop("LLAMABOX_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", "0", "--threads", "2"],
                             stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        lines, url = [], None
+    lines: list[str] = []  # stderr, read on a thread: the loader's "ready" line may come before or after the rest
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+
+    def seen(*parts: str) -> str:
         deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"POST (http://127\.0\.0\.1:\d+)/predict", line)
-            url = m.group(1) if m else None
-        assert url, "".join(lines)
+        while time.monotonic() < deadline and not all(x in "".join(lines) for x in parts):
+            time.sleep(0.05)
+        return "".join(lines)
+
+    try:
+        m = re.search(r"POST (http://127\.0\.0\.1:\d+)/predict", seen("/predict"))
+        assert m, "".join(lines)
+        url = m.group(1)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and requests.get(url + "/health", timeout=5).status_code != 200:
             time.sleep(0.2)
-        more = [proc.stderr.readline() for _ in range(3)]
-        text = "".join(lines + more)
+        text = seen("demo model", "llamabox pull llamav2-7b-chat", "loopback only")
         assert "demo model" in text and "llamabox pull llamav2-7b-chat" in text and "loopback only" in text
         r = requests.post(url + f"/{DEMO}-webhook/predict", json=readme_curl_body(), timeout=60)
         body = r.json()
