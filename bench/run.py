@@ -255,18 +255,9 @@ def main() -> int:
     out["raw_prompt_tok_s"] = statistics.median(prompt_rounds["raw"])
     out["runtime_prompt_tok_s"] = statistics.median(prompt_rounds["runtime"])
 
-    # Generation: same prompt, same 128 greedy tokens, paired rounds.
-    greedy = GenerationParams(max_length=N_GEN, temperature=0.0)
-    gen = paired_rounds({
-        "raw": lambda: raw.generate(gen_prompt, N_GEN),
-        "runtime": lambda: counted(lambda: rt.generate(GEN_PROMPT, greedy)),
-        "http": lambda: counted(lambda: http({"prompt": GEN_PROMPT, "max_length": N_GEN, "temperature": 0})),
-    }, rounds)
-    out["gen_rounds"] = gen
+    gen = generation_rounds(out, raw, rt, http, counted, gen_prompt, rounds)
     for k in gen:
         out[f"{k}_gen_tok_s"] = statistics.median(gen[k])
-    out["runtime_vs_raw"] = paired_ratio(gen["runtime"], gen["raw"])
-    out["http_vs_raw"] = paired_ratio(gen["http"], gen["raw"])
     out["raw_step_s"] = raw.step_costs(prompt_512)
 
     # num_return_sequences: wall time of n relative to 1 (sampled, so EOS rarely ends early).
@@ -373,9 +364,9 @@ def main() -> int:
     return 0
 
 
-def gen_only(out: dict, raw: "RawLoop", rt, server, http, counted, gen_prompt: list[int], rounds: int, path: str) -> int:
-    """--gen-only: the generation rounds of main(), printed and written to <model>-gen.json."""
-    raw.generate(gen_prompt, 4)  # warm-up: the first decode allocates the compute graph
+def generation_rounds(out: dict, raw: "RawLoop", rt, http, counted, gen_prompt: list[int], rounds: int) -> dict:
+    """Same prompt, same N_GEN greedy tokens, raw / runtime / HTTP in paired rounds; the rounds and
+    the paired ratios go into `out`."""
     greedy = GenerationParams(max_length=N_GEN, temperature=0.0)
     gen = paired_rounds({
         "raw": lambda: raw.generate(gen_prompt, N_GEN),
@@ -385,6 +376,13 @@ def gen_only(out: dict, raw: "RawLoop", rt, server, http, counted, gen_prompt: l
     out["gen_rounds"] = gen
     out["runtime_vs_raw"] = paired_ratio(gen["runtime"], gen["raw"])
     out["http_vs_raw"] = paired_ratio(gen["http"], gen["raw"])
+    return gen
+
+
+def gen_only(out: dict, raw: "RawLoop", rt, server, http, counted, gen_prompt: list[int], rounds: int, path: str) -> int:
+    """--gen-only: the generation rounds of main(), printed and written to <model>-gen.json."""
+    raw.generate(gen_prompt, 4)  # warm-up: the first decode allocates the compute graph
+    gen = generation_rounds(out, raw, rt, http, counted, gen_prompt, rounds)
     raw.close()
     server.close()
     rt.close()
