@@ -39,6 +39,10 @@ class ModelLoadError(LlamaboxError):
     """A model file exists but could not be loaded (malformed GGUF, ...)."""
 
 
+class LoadStopped(ModelLoadError):
+    """A load was stopped on purpose (runtime.load's abort): the server is shutting down."""
+
+
 class BackendError(LlamaboxError):
     """The llama.cpp build cannot do what was asked (GPU offload on a CPU build)."""
 

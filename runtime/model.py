@@ -20,7 +20,7 @@ import llama_cpp
 import numpy as np
 
 from .backends import load_backends
-from .errors import BackendError, InvalidParameter, KVCacheFull, ModelLoadError
+from .errors import BackendError, InvalidParameter, KVCacheFull, LoadStopped, ModelLoadError
 from .params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class LlamaModel:
             mparams.progress_callback = progress  # (the local keeps it alive until the load returns)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model and abort is not None and abort():
-            raise ModelLoadError(f"loading {self.path} was stopped")
+            raise LoadStopped(f"loading {self.path} was stopped")
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: malformed or unsupported GGUF (see the log)")
         self._ctx = None

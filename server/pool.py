@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtime.errors import LlamaboxError, ModelNotFound, QueueFull
+from runtime.errors import LlamaboxError, LoadStopped, ModelNotFound, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ class ModelPool:
                 delta = rss_bytes() - before
         except BaseException as err:  # any failure stays with this model
             msg = str(err) if isinstance(err, LlamaboxError) else f"{type(err).__name__}: {err}"
-            log.error("loading %s failed: %s", e.model_id, msg)
+            # A load stopped on purpose (a signal during it) is no failure to alarm anyone about.
+            log.log(logging.INFO if isinstance(err, LoadStopped) else logging.ERROR, "loading %s failed: %s", e.model_id, msg)
             with self._lock:
                 e.state, e.error = "failed", msg
                 e.done_loading.set()

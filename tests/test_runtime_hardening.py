@@ -12,7 +12,7 @@ import pytest
 
 from prompts import GREEDY, long_text
 from runtime import GenerationParams
-from runtime.errors import KVCacheFull, ModelLoadError, QueueFull, ShuttingDown, WorkerDied
+from runtime.errors import KVCacheFull, LoadStopped, QueueFull, ShuttingDown, WorkerDied
 from runtime.model import LlamaModel, LoadConfig
 
 @pytest.fixture()
@@ -96,9 +96,9 @@ def test_llama_decode_without_a_free_cell_raises_kv_cache_full(gguf_files):
 
 def test_a_load_asked_to_stop_stops_with_a_load_error(gguf_files):
     """serve stops a load in progress when it will not serve (a signal, a failed start): llama.cpp
-    asks the callback at each tensor, and the load ends with ModelLoadError, nothing left half made."""
+    asks the callback at each tensor, and the load ends with LoadStopped (a ModelLoadError)."""
     asked = []
-    with pytest.raises(ModelLoadError, match="stopped"):
+    with pytest.raises(LoadStopped, match="stopped"):
         LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=256, n_threads=2), abort=lambda: asked.append(1) or True)
     assert asked
     m = LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=256, n_threads=2), abort=lambda: False)  # never asked to stop
