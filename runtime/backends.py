@@ -73,6 +73,15 @@ _reg_get = _fn("ggml_backend_reg_get", ctypes.c_void_p, ctypes.c_size_t)
 _reg_name = _fn("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
 _reg_proc = _fn("ggml_backend_reg_get_proc_address", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)
 _load_all_from = _fn("ggml_backend_load_all_from_path", None, ctypes.c_char_p)
+_dev_count = _fn("ggml_backend_dev_count", ctypes.c_size_t)
+_dev_get = _fn("ggml_backend_dev_get", ctypes.c_void_p, ctypes.c_size_t)
+_dev_type = _fn("ggml_backend_dev_type", ctypes.c_int, ctypes.c_void_p)
+_dev_memory = _fn("ggml_backend_dev_memory", None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                  ctypes.POINTER(ctypes.c_size_t))
+
+# ggml-backend.h, enum ggml_backend_dev_type: CPU 0, GPU 1, IGPU 2, ACCEL 3. llama.cpp offloads
+# layers to GPU and IGPU devices.
+_OFFLOAD_DEVICE_TYPES = (1, 2)
 
 
 def lib_dir() -> Path:
@@ -110,6 +119,21 @@ def _cpu_backend() -> CpuBackend:
         variant = stem.removeprefix("libggml-cpu-").removeprefix("ggml-cpu-") if "ggml-cpu-" in stem else "native"
         return CpuBackend(variant, tuple(n for n in names if n in SIMD_FEATURES), library)
     raise BackendError("llama.cpp has no CPU backend registered")
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes over the devices llama.cpp offloads layers to, as their drivers report
+    them now (other processes' use included); None where there is none (a CPU-only build)."""
+    free_sum = total_sum = 0
+    found = False
+    for i in range(_dev_count()):
+        dev = _dev_get(i)
+        if _dev_type(dev) not in _OFFLOAD_DEVICE_TYPES:
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        _dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        free_sum, total_sum, found = free_sum + free.value, total_sum + total.value, True
+    return (free_sum, total_sum) if found else None
 
 
 def load_backends() -> CpuBackend:

@@ -35,7 +35,8 @@ class RuntimeInfo:
     model_id: str
     path: str
     backend: str           # "CPU", "CUDA", "Metal", ...
-    n_gpu_layers: int
+    n_gpu_layers: int      # layers llama.cpp offloaded (n_layer blocks + the output layer at most); 0 on the CPU
+    n_layers: int          # layers that could be offloaded: n_layer + 1
     n_ctx: int             # KV cells shared by all running sequences
     n_ctx_train: int
     n_threads: int
@@ -44,6 +45,10 @@ class RuntimeInfo:
     chat: bool             # prompts are wrapped in the model's chat template
     chat_template_source: str  # where that template came from: "gguf", "file" (load's chat_template), "none"
     load_seconds: float
+
+    def placement(self) -> str:
+        """Where the model runs, for people: 'CPU', 'CUDA (23/23 layers)'."""
+        return f"{self.backend} ({self.n_gpu_layers}/{self.n_layers} layers)" if self.n_gpu_layers else "CPU"
 
 
 class Runtime:
@@ -62,7 +67,7 @@ class Runtime:
         self.scheduler = Scheduler(model, n_parallel=n_parallel, n_cache=n_cache, queue_size=queue_size, prefill_chunk=prefill_chunk,
                                    compute=compute)
         self.info = RuntimeInfo(
-            model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.config.n_gpu_layers,
+            model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.gpu_layers, n_layers=model.n_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
             kv_type=model.config.kv_type,
             chat=self.chat, chat_template_source=template.origin if template else "none", load_seconds=load_seconds,
@@ -207,7 +212,7 @@ def load(
     path: str | os.PathLike[str],
     n_ctx: int = 0,
     n_threads: int = 0,
-    n_gpu_layers: int = 0,
+    n_gpu_layers: int | None = None,
     model_id: str | None = None,
     chat: bool | None = None,
     chat_template: str | None = None,
@@ -227,6 +232,7 @@ def load(
     chat=None: a chat model iff there is a template (chat_template, else the GGUF's);
     chat=True: the same, but no template is a ModelLoadError (the caller knows it is a chat model);
     chat=False: plain completion, whatever the GGUF holds (a base model whose repo ships a template).
+    n_gpu_layers: layers to offload to Metal/CUDA, -1 all; None: all when the build sees a GPU, else none.
     kv_type: the KV cache's element type (runtime.kv_types.KV_CACHE_TYPES); q8_0 halves its memory.
     abort: a callable asked while the weights load; True stops the load with ModelLoadError.
     """
@@ -244,7 +250,7 @@ def load(
         model.close()
         raise
     log.info("loaded %s (%s) on %s in %.2fs: n_ctx %d (%s KV), %d threads, %d parallel sequences, chat template: %s",
-             model_id, path.name, rt.info.backend, rt.info.load_seconds, rt.info.n_ctx, kv_type, rt.info.n_threads, n_parallel,
+             model_id, path.name, rt.info.placement(), rt.info.load_seconds, rt.info.n_ctx, kv_type, rt.info.n_threads, n_parallel,
              rt.info.chat_template_source)
     return rt
 

@@ -53,7 +53,8 @@ class LoadConfig:
     n_ctx: int = 0             # KV cells shared by all sequences (kv_unified), in tokens; 0 = the
                                # model's training context, at most DEFAULT_CTX
     n_threads: int = 0         # 0 = every core llama.cpp's default picks (os.cpu_count())
-    n_gpu_layers: int = 0      # layers offloaded to Metal/CUDA; -1 = all; needs a GPU build
+    n_gpu_layers: int | None = None  # layers offloaded to Metal/CUDA; -1 = all; None = all when this
+                               # build has a GPU to offload to (llama.cpp's own default), else none
     n_batch: int = 512         # prompt tokens per llama_decode call
     n_seq_max: int = 12        # llama.cpp sequence ids: parallel slots + prefix-cache slots
     use_mmap: bool = False     # map the file instead of reading it into memory. On the CPU,
@@ -97,12 +98,14 @@ class LlamaModel:
         self.path = Path(path)
         self.config = config
         self.backend = backend_name()
-        if config.n_gpu_layers != 0 and self.backend == "CPU":
+        if config.n_gpu_layers not in (None, 0) and self.backend == "CPU":
             raise BackendError(
-                f"--gpu-layers {config.n_gpu_layers} was asked, but this llama-cpp-python build is CPU-only "
-                "(llama_supports_gpu_offload() is false). Use --gpu-layers 0, or reinstall llama-cpp-python "
+                f"--gpu-layers {config.n_gpu_layers} was asked, but this llama-cpp-python build is CPU-only, or sees "
+                "no GPU (llama_supports_gpu_offload() is false). Use --gpu-layers 0, or reinstall llama-cpp-python "
                 "with CMAKE_ARGS='-DGGML_CUDA=on' (or -DGGML_METAL=on)."
             )
+        # None ("auto"): every layer when there is a GPU to offload to, as llama.cpp and its server do.
+        gpu_layers = config.n_gpu_layers if config.n_gpu_layers is not None else (0 if self.backend == "CPU" else -1)
         # (imported here, not at the top of the module: that part belongs to backend loading)
         from .kv_types import KV_CACHE_TYPES, UNQUANTIZED, check_kv_type
 
@@ -110,7 +113,7 @@ class LlamaModel:
         check_gguf_header(self.path)
 
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers
+        mparams.n_gpu_layers = gpu_layers
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         if abort is not None:  # llama.h: loading goes on while the callback returns true
             progress = llama_cpp.llama_progress_callback(lambda _fraction, _user_data: not abort())
@@ -119,13 +122,21 @@ class LlamaModel:
         if not self._model and abort is not None and abort():
             raise LoadStopped(f"loading {self.path} was stopped")
         if not self._model:
-            raise ModelLoadError(f"llama.cpp could not load {self.path}: malformed or unsupported GGUF (see the log)")
+            why = "malformed or unsupported GGUF"
+            if gpu_layers != 0:
+                why += f", or too little {self.backend} memory for the offloaded layers (--gpu-layers to offload fewer)"
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: {why} (see the log)")
         self._ctx = None
         self._batch = None
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+            # What llama.cpp offloads (llama-model.cpp): the last n of the n_layer blocks, plus the output
+            # layer once n > n_layer; -1 means all n_layer + 1.
+            n_offloadable = llama_cpp.llama_model_n_layer(self._model) + 1
+            self.n_layers = n_offloadable
+            self.gpu_layers = n_offloadable if gpu_layers < 0 else min(gpu_layers, n_offloadable)
             self.bos = llama_cpp.llama_vocab_bos(self._vocab)
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
 
@@ -148,6 +159,8 @@ class LlamaModel:
                 if config.kv_type not in UNQUANTIZED:
                     why = (f" with a {config.kv_type} KV cache (--kv-type; it needs flash attention and head sizes that are"
                            " a multiple of the type's block, 32; see the log)")
+                elif self.gpu_layers:
+                    why = f" (its KV cache may not fit in {self.backend} memory beside the offloaded layers; see the log)"
                 raise ModelLoadError(f"llama.cpp could not create a context of {config.n_ctx} tokens for {self.path}{why}")
             self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
             self.n_threads = n_threads

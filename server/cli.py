@@ -92,6 +92,13 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
 
 # --- commands ---------------------------------------------------------------------
 
+def _gpu_memory():
+    # runtime (llama_cpp) is imported on first use, by the loader thread: see cmd_serve.
+    from runtime.backends import gpu_memory
+
+    return gpu_memory()
+
+
 def _raise_open_file_limit(want: int) -> None:
     """Each connection is a file descriptor: let the soft limit reach what --max-connections needs."""
     try:
@@ -195,7 +202,10 @@ def cmd_serve(args) -> int:
     stop_loading = threading.Event()
     pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call,
                                                       abort=stop_loading.is_set),
-                     budget, settings.keep_alive_s, compute=compute)
+                     budget, settings.keep_alive_s, compute=compute,
+                     # Every layer offloaded (the default where there is a GPU): a load needs its estimate
+                     # free in GPU memory. A partial --gpu-layers N is the user's own sizing.
+                     gpu_memory=_gpu_memory if settings.gpu_layers in (None, -1) else None)
     _raise_open_file_limit(settings.max_connections + 64)
     failed: list[str] = []
     default = entries[0]
@@ -225,7 +235,7 @@ def cmd_serve(args) -> int:
             if default.state != "loaded":
                 raise LlamaboxError(default.error or "unknown error")
             rt = default.runtime
-            print(f"llamabox: {default.model_id} ready on {rt.info.backend} ({rt.info.n_threads} threads, "
+            print(f"llamabox: {default.model_id} ready on {rt.info.placement()} ({rt.info.n_threads} threads, "
                   f"context {rt.info.n_ctx}, load {rt.info.load_seconds:.1f}s)", file=sys.stderr, flush=True)
         except BaseException as e:  # any failure, not only ours: /health must not say "loading" forever
             msg = str(e) if isinstance(e, LlamaboxError) else f"{type(e).__name__}: {e}"
@@ -556,6 +566,16 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _gpu_layers(text: str) -> int | None:
+    """--gpu-layers: 'auto' (None) or a layer count; range checked by Settings."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, -1 (all), 0 or a number of layers, got {text!r}") from None
+
+
 def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     if many:
         p.add_argument("--model", action="append",
@@ -564,7 +584,9 @@ def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     else:
         p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1 = all; needs a GPU build)")
+    p.add_argument("--gpu-layers", type=_gpu_layers, default=None, metavar="N|auto",
+                   help="layers to offload to Metal/CUDA: -1 = all, 0 = none (default: auto, all when llama-cpp-python "
+                        "was built with a GPU backend and sees a GPU, else none)")
     p.add_argument("--mmap", action="store_true",
                    help="map the model file instead of reading it: faster loads for types llama.cpp does not "
                         "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")

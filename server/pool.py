@@ -13,6 +13,9 @@ unloaded when it is evicted or idles past --keep-alive. Rules:
     budget would be exceeded, idle models are unloaded, least recently used first.
     If nothing can be freed, the request gets a 503 saying what is loaded and what
     the model needs.
+  * Where models are offloaded to a GPU (gpu_memory given), a load also needs its estimate
+    free in GPU memory, as the driver reports it just then; idle models are unloaded for
+    that too, else a 503 says so. --max-memory still counts host memory (the RSS delta).
   * A model that fails to load stays failed (its file will not mend itself): its
     requests get a 503 quoting the load error, and the other models keep serving.
 
@@ -92,6 +95,8 @@ def available_memory() -> int:
 
 
 DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
+GPU_HEADROOM = 1.1          # GPU memory asked free before an offloaded load: the estimate + 10%, since
+                            # the CUDA/Metal context and the estimate's rounding are not in it
 
 
 def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512, kv_type: str = "f16") -> int:
@@ -140,7 +145,8 @@ def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512, kv_type: str = "f1
 class ModelPool:
     def __init__(self, entries: list[Entry], loader: Callable[[Entry], object] | None, budget_bytes: int,
                  keep_alive_s: float | None = None, on_load: Callable[[str, float], None] | None = None,
-                 on_unload: Callable[[str], None] | None = None, room_wait_s: float = 60.0, compute=None):
+                 on_unload: Callable[[str], None] | None = None, room_wait_s: float = 60.0, compute=None,
+                 gpu_memory: Callable[[], tuple[int, int] | None] | None = None):
         if not entries:
             raise ValueError("a pool needs at least one model")
         self.entries = {e.model_id: e for e in entries}
@@ -150,6 +156,7 @@ class ModelPool:
         self.keep_alive_s = keep_alive_s
         self.room_wait_s = room_wait_s      # how long a load may wait for a busy model to go idle before 503
         self.compute = compute              # the shared decode thread (runtime/compute.py), owned here
+        self.gpu_memory = gpu_memory        # (free, total) bytes on the GPU now, or None: models are offloaded
         self.on_load = on_load or (lambda _m, _s: None)
         self.on_unload = on_unload or (lambda _m: None)
         self._lock = threading.Condition()  # entries' states, leases, the budget; notified when one changes
@@ -233,19 +240,37 @@ class ModelPool:
         def used() -> int:
             return sum(x.cost for x in self.entries.values() if x.state in ("loaded", "loading"))
 
-        while used() + e.cost > self.budget_bytes:
+        def gpu_short() -> tuple[int, int]:
+            # (bytes missing on the GPU for e, bytes free there). The estimate, not the RSS delta: an
+            # offloaded model's weights, KV cache and compute buffers live in GPU memory.
+            mem = self.gpu_memory() if self.gpu_memory is not None else None
+            if mem is None:
+                return 0, 0
+            # A load under way has not taken its memory yet (loads run one at a time): count it.
+            pending = sum(int(x.estimate_bytes * GPU_HEADROOM) for x in self.entries.values() if x.state == "loading" and x is not e)
+            free = max(0, mem[0] - pending)
+            return max(0, int(e.estimate_bytes * GPU_HEADROOM) - free), free
+
+        while (over_host := used() + e.cost > self.budget_bytes) or gpu_short()[0] > 0:
             idle = [x for x in self.entries.values() if x.state == "loaded" and not x.busy()]
-            if not idle and (not final and any(x.state in ("loaded", "loading") for x in self.entries.values())
-                             and e.cost <= self.budget_bytes):
+            others = any(x.state in ("loaded", "loading") for x in self.entries.values())
+            fits_alone = e.cost <= self.budget_bytes if over_host else True
+            if not idle and not final and others and fits_alone:
                 return False
             if not idle:
                 loaded = ", ".join(f"{x.model_id} ({x.state}{', busy' if x.busy() else ''}, {x.cost / GiB:.2f} GiB)"
                                    for x in self.entries.values() if x.state in ("loaded", "loading")) or "nothing"
+                if over_host:
+                    raise ModelUnavailable(
+                        f"no memory to load {e.model_id}: it needs about {e.cost / GiB:.2f} GiB and the budget is "
+                        f"{self.budget_bytes / GiB:.2f} GiB; loaded: {loaded}. Retry when a model is idle, or raise --max-memory",
+                        retry_after_s=5)
                 raise ModelUnavailable(
-                    f"no memory to load {e.model_id}: it needs about {e.cost / GiB:.2f} GiB and the budget is "
-                    f"{self.budget_bytes / GiB:.2f} GiB; loaded: {loaded}. Retry when a model is idle, or raise --max-memory",
-                    retry_after_s=5)
-            self._unload(min(idle, key=lambda x: x.last_used), "to make room for " + e.model_id)
+                    f"no GPU memory to load {e.model_id}: it needs about {e.estimate_bytes * GPU_HEADROOM / GiB:.2f} GiB "
+                    f"and the GPU has {gpu_short()[1] / GiB:.2f} GiB free; loaded: {loaded}. Retry when a model is idle, "
+                    "or offload fewer layers (--gpu-layers)", retry_after_s=5)
+            why = "to make room for " + e.model_id + ("" if over_host else " on the GPU")
+            self._unload(min(idle, key=lambda x: x.last_used), why)
         return True
 
     def _unload(self, e: Entry, why: str) -> None:

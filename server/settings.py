@@ -23,7 +23,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()    # accepted Authorization keys; empty = no auth (loopback only)
     insecure_no_auth: bool = False    # allow a non-loopback bind without a key
     threads: int = 0                  # llama.cpp threads; 0 = all cores
-    gpu_layers: int = 0               # layers offloaded to Metal/CUDA; -1 = all
+    gpu_layers: int | None = None     # layers offloaded to Metal/CUDA; -1 = all; None = all if there is a GPU
     mmap: bool = False                # map the GGUF instead of reading it (see runtime.model.LoadConfig.use_mmap)
     n_ctx: int = 0                    # context (KV cells) shared by running sequences; 0 = the model's (<= 4096)
     kv_type: str = "f16"              # KV cache element type (runtime.kv_types.KV_CACHE_TYPES): f16, q8_0, q4_0, ...
@@ -64,8 +64,8 @@ class Settings:
             raise InvalidParameter("port", f"must be between 0 (any free port) and 65535, got {self.port}")
         if self.threads < 0:
             raise InvalidParameter("threads", f"must be 0 (all cores) or positive, got {self.threads}")
-        if self.gpu_layers < -1:
-            raise InvalidParameter("gpu_layers", f"must be -1 (all), 0 or positive, got {self.gpu_layers}")
+        if self.gpu_layers is not None and self.gpu_layers < -1:
+            raise InvalidParameter("gpu_layers", f"must be auto, -1 (all), 0 or positive, got {self.gpu_layers}")
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise InvalidParameter("timeout", f"must be a positive number of seconds, got {self.request_timeout_s}")
         if self.n_ctx < 0:

@@ -27,6 +27,13 @@ def test_bad_flag(tmp_path):
     assert "--bogus" in line
 
 
+def test_gpu_layers_takes_auto_or_a_count(tmp_path):
+    line = one_line_error(llamabox("serve", "--gpu-layers", "most", home=tmp_path), 2)
+    assert "--gpu-layers" in line and "auto" in line and "'most'" in line
+    line = one_line_error(llamabox("serve", "--gpu-layers", "-2", home=tmp_path), 2)
+    assert "--gpu-layers" in line and "-2" in line
+
+
 def test_missing_model_path(tmp_path):
     line = one_line_error(llamabox("generate", "--model", tmp_path / "nope.gguf", "hi", home=tmp_path), 1)
     assert "nope.gguf" in line

@@ -21,8 +21,9 @@ GREEDY = {"prompt": "Numbers like 1234", "max_length": 12, "temperature": 0}
 
 
 def loader(n_ctx=256, use_mmap=False):
+    # On the CPU whatever the build: these tests are about host memory (RSS).
     def load_entry(e: Entry):
-        return load(e.path, n_ctx=n_ctx, n_threads=2, model_id=e.model_id, chat=False, use_mmap=use_mmap)
+        return load(e.path, n_ctx=n_ctx, n_threads=2, model_id=e.model_id, chat=False, use_mmap=use_mmap, n_gpu_layers=0)
     return load_entry
 
 
@@ -53,7 +54,7 @@ def serve_pool(settings):
 
 
 def alone(path, prompt=GREEDY["prompt"]) -> str:
-    rt = load(path, n_ctx=256, n_threads=2, chat=False)
+    rt = load(path, n_ctx=256, n_threads=2, chat=False, n_gpu_layers=0)
     try:
         return prompt + rt.generate(prompt, GenerationParams(max_length=12, temperature=0.0)).completions[0].text
     finally:
@@ -126,6 +127,33 @@ def test_no_room_is_a_503_saying_what_is_loaded(big_gguf, big6_gguf):
         rt = pool.acquire("b")  # now a is idle: it goes, b comes
         assert rt.info.model_id == "b" and pool.entries["a"].state == "unloaded"
         pool.release("b")
+    finally:
+        pool.close()
+
+
+def test_offloaded_models_take_turns_within_the_gpus_free_memory(gguf_files):
+    """With models offloaded, a load needs its estimate (+10%) free on the GPU: idle models make way,
+    a busy one means a 503 that says so. The GPU here is a stand-in whose free memory is what the
+    loaded models' estimates leave of its capacity; the models themselves are real."""
+    a, b = entry("a", gguf_files["f16"]), entry("b", gguf_files["q8_0"])
+    big, small = max(a.estimate_bytes, b.estimate_bytes), min(a.estimate_bytes, b.estimate_bytes)
+    capacity = int(1.1 * big + 0.5 * small)  # either alone fits; both never do
+
+    def gpu_memory():
+        used = sum(x.estimate_bytes for x in pool.entries.values() if x.state == "loaded")
+        return capacity - used, capacity
+
+    pool = ModelPool([a, b], loader(), 1 << 40, room_wait_s=0.5, gpu_memory=gpu_memory)
+    try:
+        pool.release(pool.acquire("a").info.model_id)
+        rt = pool.acquire("b")  # a is idle: unloaded to make room on the GPU, though host memory has room
+        assert rt.info.model_id == "b" and pool.entries["a"].state == "unloaded"
+        with pytest.raises(ModelUnavailable) as e:  # b holds a lease: a cannot come back
+            pool.acquire("a")
+        assert "no GPU memory to load a" in str(e.value) and "b (loaded, busy" in str(e.value)
+        pool.release("b")
+        assert pool.acquire("a").info.model_id == "a" and pool.entries["b"].state == "unloaded"
+        pool.release("a")
     finally:
         pool.close()
 

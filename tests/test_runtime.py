@@ -10,6 +10,8 @@ import pytest
 from runtime import GenerationParams, load
 from runtime.errors import BackendError, ContextOverflow, ModelLoadError
 from runtime.model import LlamaModel, LoadConfig, backend_name
+from builds import batch_invariant
+from tinyllama import TinyConfig
 
 GREEDY = GenerationParams(max_length=24, temperature=0.0)
 
@@ -40,6 +42,7 @@ def test_temperature_zero_is_identical_every_call(runtime):
         assert texts(runtime.generate("The quick brown fox", GREEDY)) == first
 
 
+@batch_invariant
 def test_batched_sequences_equal_one_at_a_time(runtime):
     """Greedy through the batch (n=4, and 6 concurrent jobs) equals the lone path."""
     alone = texts(runtime.generate("Numbers like 1234", GREEDY))[0]
@@ -131,6 +134,7 @@ def test_prompt_longer_than_context_is_refused(runtime):
     assert e.value.field == "max_length"
 
 
+@batch_invariant
 def test_prefix_cache_reuses_a_shared_prompt(runtime):
     system = "Grouped query attention lets several query heads share one key and value head. " * 3
     first = runtime.prompt_tokens(system + "First question", GREEDY)
@@ -144,6 +148,19 @@ def test_prefix_cache_reuses_a_shared_prompt(runtime):
     evaluated = runtime.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
     assert reused >= shared and reused + evaluated == len(second)
     assert a == b  # the same answer whether or not the prefix came from the cache
+
+
+def test_by_default_every_layer_is_offloaded_where_the_build_can(gguf_files):
+    rt = load(gguf_files["q8_0"], n_ctx=256, n_threads=2)
+    try:
+        n = rt.info.n_layers
+        assert n == TinyConfig().n_layer + 1  # the blocks and the output layer (conftest makes TinyConfig())
+        if backend_name() == "CPU":
+            assert rt.info.n_gpu_layers == 0 and rt.info.placement() == "CPU"
+        else:
+            assert rt.info.n_gpu_layers == n and rt.info.placement() == f"{backend_name()} ({n}/{n} layers)"
+    finally:
+        rt.close()
 
 
 def test_gpu_layers_on_a_cpu_build_is_a_plain_error(gguf_files):
@@ -270,6 +287,7 @@ def test_close_fails_waiting_jobs_and_refuses_new_ones(gguf_files):
         rt.submit("Hello", GREEDY)
 
 
+@batch_invariant
 def test_seeded_sampling_reproduces_with_a_cached_prompt(runtime):
     """A ~100-token prompt: first evaluated in full, then mostly from the prefix cache."""
     prompt = "Rivers flow to the sea, and the sea returns water to the sky as rain. " * 5
