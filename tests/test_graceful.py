@@ -39,7 +39,7 @@ class Server:
         env = {**os.environ, "LLAMABOX_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
         env.pop("LLAMABOX_API_KEY", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(gguf), "--port", "0",
-                                      "--ctx", "2048", "--threads", "2", *flags],
+                                      "--ctx", "2048", "--threads", "2", "--gpu-layers", "0", *flags],  # slow on purpose: never offloaded
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []
         port = None
