@@ -220,6 +220,16 @@ class LlamaModel:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} ({len(entries)} tokens)")
 
+    def warm_up(self) -> None:
+        """Decode [BOS, EOS] and clear the cache again, on the thread that will decode: the first
+        decode's one-time costs (OpenMP starting its thread team, the first touch of the compute
+        buffers) are then paid before the model is reported ready, not by the first request, as
+        llama.cpp's server does (common_init_from_params). Measured in issue 15's closing note."""
+        tokens = [t for t in (self.bos, llama_cpp.llama_vocab_eos(self._vocab)) if t >= 0] or [0]
+        self.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        llama_cpp.llama_memory_clear(self._mem, True)
+        llama_cpp.llama_synchronize(self._ctx)
+
     def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
