@@ -79,9 +79,8 @@ _dev_type = _fn("ggml_backend_dev_type", ctypes.c_int, ctypes.c_void_p)
 _dev_memory = _fn("ggml_backend_dev_memory", None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
                   ctypes.POINTER(ctypes.c_size_t))
 
-# ggml-backend.h, enum ggml_backend_dev_type: CPU 0, GPU 1, IGPU 2, ACCEL 3. llama.cpp offloads
-# layers to GPU and IGPU devices.
-_OFFLOAD_DEVICE_TYPES = (1, 2)
+# ggml-backend.h, enum ggml_backend_dev_type: CPU 0, GPU 1, IGPU 2, ACCEL 3.
+_GPU, _IGPU = 1, 2
 
 
 def lib_dir() -> Path:
@@ -123,17 +122,24 @@ def _cpu_backend() -> CpuBackend:
 
 def gpu_memory() -> tuple[int, int] | None:
     """(free, total) bytes over the devices llama.cpp offloads layers to, as their drivers report
-    them now (other processes' use included); None where there is none (a CPU-only build)."""
-    free_sum = total_sum = 0
-    found = False
+    them now (other processes' use included); None where there is none (a CPU-only build, or no
+    GPU found). The devices are llama.cpp's choice (llama.cpp: llama_model_load_from_file):
+    the discrete GPUs, or the integrated ones only where there is no discrete GPU (an integrated
+    GPU's "free" memory is host RAM). A device that reports 0 of 0 bytes does not know: skipped."""
+    by_type: dict[int, list[tuple[int, int]]] = {_GPU: [], _IGPU: []}
     for i in range(_dev_count()):
         dev = _dev_get(i)
-        if _dev_type(dev) not in _OFFLOAD_DEVICE_TYPES:
+        kind = _dev_type(dev)
+        if kind not in by_type:
             continue
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         _dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        free_sum, total_sum, found = free_sum + free.value, total_sum + total.value, True
-    return (free_sum, total_sum) if found else None
+        if total.value:
+            by_type[kind].append((free.value, total.value))
+    devices = by_type[_GPU] or by_type[_IGPU]
+    if not devices:
+        return None
+    return sum(f for f, _ in devices), sum(t for _, t in devices)
 
 
 def load_backends() -> CpuBackend:

@@ -28,14 +28,17 @@ class ComputeThread:
     def __init__(self, name: str = "llamabox-compute"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None   # set if the thread itself ever dies
+        self._closing = threading.Lock()          # call() and close() exclude each other: nothing is
+        self._closed = False                      # queued behind the stop marker, where no one runs it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        if self.error is not None or not self._thread.is_alive():
-            raise RuntimeError(f"the compute thread stopped ({self.error!r})")
         f: Future = Future()
-        self._jobs.put((fn, f))
+        with self._closing:
+            if self._closed or self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the compute thread stopped ({'closed' if self._closed else repr(self.error)})")
+            self._jobs.put((fn, f))
         return f.result()
 
     @property
@@ -56,7 +59,18 @@ class ComputeThread:
         except BaseException as e:  # only a bug here: record it, the owner (the pool) reports it
             self.error = e
             log.critical("the compute thread stopped: %s", e, exc_info=e)
+            with self._closing:  # no caller may wait on a job that will never run
+                self._closed = True
+            while True:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].set_exception(RuntimeError(f"the compute thread stopped ({e!r})"))
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._closing:
+            self._closed = True
+            self._jobs.put(None)
         self._thread.join(5)

@@ -53,8 +53,9 @@ class RuntimeInfo:
 
 class Runtime:
     def __init__(self, model: LlamaModel, model_id: str, template: ChatTemplate | None, n_parallel: int, n_cache: int,
-                 queue_size: int, load_seconds: float, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 queue_size: int, load_started: float, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  compute=None):
+        """load_started: time.monotonic() when the load began; it ends once the scheduler runs."""
         self.model = model
         self.template = template
         self.chat = template is not None
@@ -70,7 +71,8 @@ class Runtime:
             model_id=model_id, path=str(model.path), backend=model.backend, n_gpu_layers=model.gpu_layers, n_layers=model.n_layers,
             n_ctx=model.n_ctx, n_ctx_train=model.n_ctx_train, n_threads=model.n_threads, n_parallel=n_parallel,
             kv_type=model.config.kv_type,
-            chat=self.chat, chat_template_source=template.origin if template else "none", load_seconds=load_seconds,
+            chat=self.chat, chat_template_source=template.origin if template else "none",
+            load_seconds=time.monotonic() - load_started,
         )
 
     @contextmanager
@@ -244,7 +246,7 @@ def load(
     model = LlamaModel(path, config, abort)
     try:
         template = _chat_template(model, chat, chat_template)
-        rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, time.monotonic() - t0, prefill_chunk,
+        rt = Runtime(model, model_id, template, n_parallel, n_cache, queue_size, t0, prefill_chunk,
                      compute)
     except BaseException:
         model.close()

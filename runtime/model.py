@@ -19,7 +19,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from .backends import load_backends
+from .backends import gpu_memory, load_backends
 from .errors import BackendError, InvalidParameter, KVCacheFull, LoadStopped, ModelLoadError
 from .params import GenerationParams
 
@@ -104,8 +104,11 @@ class LlamaModel:
                 "no GPU (llama_supports_gpu_offload() is false). Use --gpu-layers 0, or reinstall llama-cpp-python "
                 "with CMAKE_ARGS='-DGGML_CUDA=on' (or -DGGML_METAL=on)."
             )
-        # None ("auto"): every layer when there is a GPU to offload to, as llama.cpp and its server do.
-        gpu_layers = config.n_gpu_layers if config.n_gpu_layers is not None else (0 if self.backend == "CPU" else -1)
+        # None ("auto"): every layer when llama.cpp has a GPU to offload to (a GPU build can see none;
+        # an RPC-only build offloads nothing by itself). The CLI fits a count to free GPU memory instead.
+        gpu_layers = config.n_gpu_layers
+        if gpu_layers is None:
+            gpu_layers = -1 if self.backend != "CPU" and gpu_memory() is not None else 0
         # (imported here, not at the top of the module: that part belongs to backend loading)
         from .kv_types import KV_CACHE_TYPES, UNQUANTIZED, check_kv_type
 
@@ -132,9 +135,9 @@ class LlamaModel:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
-            # What llama.cpp offloads (llama-model.cpp): the last n of the n_layer blocks, plus the output
-            # layer once n > n_layer; -1 means all n_layer + 1.
-            n_offloadable = llama_cpp.llama_model_n_layer(self._model) + 1
+            # What llama.cpp offloads (llama-model.cpp): the last n of the blocks (the GGUF's block count,
+            # next-token-prediction blocks included), plus the output layer once n exceeds them; -1: all.
+            n_offloadable = llama_cpp.llama_model_n_layer(self._model) + llama_cpp.llama_model_n_layer_nextn(self._model) + 1
             self.n_layers = n_offloadable
             self.gpu_layers = n_offloadable if gpu_layers < 0 else min(gpu_layers, n_offloadable)
             self.bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -219,16 +222,6 @@ class LlamaModel:
             raise KVCacheFull(f"no free KV cells for a batch of {len(entries)} tokens", retry_after_s=1)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} ({len(entries)} tokens)")
-
-    def warm_up(self) -> None:
-        """Decode [BOS, EOS] and clear the cache again, on the thread that will decode: the first
-        decode's one-time costs (OpenMP starting its thread team, the first touch of the compute
-        buffers) are then paid before the model is reported ready, not by the first request, as
-        llama.cpp's server does (common_init_from_params). Measured in issue 15's closing note."""
-        tokens = [t for t in (self.bos, llama_cpp.llama_vocab_eos(self._vocab)) if t >= 0] or [0]
-        self.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
-        llama_cpp.llama_memory_clear(self._mem, True)
-        llama_cpp.llama_synchronize(self._ctx)
 
     def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)

@@ -46,7 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import InvalidParameter, KVCacheFull, ModelLoadError, QueueFull, ShuttingDown, WorkerDied
+from .errors import InvalidParameter, KVCacheFull, QueueFull, ShuttingDown, WorkerDied
 from .model import MAX_SEED, LlamaModel, Sampler
 from .params import Completion, GenerationParams, Result
 from .prefix_cache import CacheEntry, PrefixCache
@@ -143,12 +143,8 @@ class Scheduler:
         self.stats = {"jobs_submitted": 0, "prompt_tokens_evaluated": 0, "prompt_tokens_reused": 0, "jobs_cancelled": 0, "tokens_generated": 0,
                       "kv_full_retries": 0, "prefix_cache_hits": 0}
         self._stop = threading.Event()
-        self._warmed = threading.Event()  # the worker's warm-up decode is done (or the worker died)
         self._thread = threading.Thread(target=self._run, name="llamabox-worker", daemon=True)
         self._thread.start()
-        self._warmed.wait()
-        if self.dead is not None:
-            raise ModelLoadError(f"the model's first decode failed: {type(self.dead).__name__}: {self.dead}") from self.dead
 
     # --- any thread --------------------------------------------------------------
 
@@ -224,13 +220,6 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            try:
-                self._compute(self.model.warm_up)  # on the thread that decodes: see LlamaModel.warm_up
-            except BaseException as e:
-                self.dead = e  # before _warmed: the constructor reads it
-                raise
-            finally:
-                self._warmed.set()
             while not self._stop.is_set():
                 try:
                     self._admit()

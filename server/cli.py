@@ -84,7 +84,8 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidParameter("chat_template", f"cannot read {settings.chat_template}: "
                                                     f"{getattr(e, 'strerror', None) or e}") from None
-    return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=settings.gpu_layers, model_id=model_id,
+    gpu_layers = settings.gpu_layers if settings.gpu_layers is not None else _fit_gpu_layers(path, model_id, settings)
+    return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=gpu_layers, model_id=model_id,
                 use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
                 prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute,
                 kv_type=settings.kv_type, abort=abort)
@@ -93,10 +94,30 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
 # --- commands ---------------------------------------------------------------------
 
 def _gpu_memory():
-    # runtime (llama_cpp) is imported on first use, by the loader thread: see cmd_serve.
+    # runtime (llama_cpp) is imported on first use, by the loader thread: see cmd_serve. runtime.model
+    # first: it registers the backends (a GPU build may load them at run time) and routes their log.
+    import runtime.model  # noqa: F401
     from runtime.backends import gpu_memory
 
     return gpu_memory()
+
+
+def _fit_gpu_layers(path: Path, model_id: str, settings: Settings) -> int | None:
+    """--gpu-layers auto: every layer if the model's estimate (+10%) is free on the GPU now, else as
+    many as fit, said in a warning; None where there is no GPU (the runtime then runs on the CPU)."""
+    from server.pool import GiB, GPU_HEADROOM, estimate_cost, gpu_fit, offloadable_layers
+
+    mem = _gpu_memory()
+    n = offloadable_layers(path) if mem is not None else 0
+    if not n:
+        return None
+    estimate = estimate_cost(path, settings.n_ctx, kv_type=settings.kv_type)
+    k = gpu_fit(estimate, n, mem[0])
+    if k < n:
+        log.warning("%s needs about %.1f GiB on the GPU and %.1f GiB is free there: offloading %d of its %d layers, "
+                    "the rest runs on the CPU (--gpu-layers N sets the count)",
+                    model_id, estimate * GPU_HEADROOM / GiB, mem[0] / GiB, k, n)
+    return -1 if k >= n else k
 
 
 def _raise_open_file_limit(want: int) -> None:
@@ -195,16 +216,16 @@ def cmd_serve(args) -> int:
     for e in entries:
         e.pinned = e.model_id == ids[0] or e.model_id in settings.preload
         if e.estimate_bytes > budget:
-            log.warning("%s needs about %.1f GiB, more than the memory budget (%.1f GiB): it will not load",
-                        e.model_id, e.estimate_bytes / GiB, budget / GiB)
+            log.warning("%s needs about %.1f GiB, more than the memory budget (%.1f GiB): it will load only if a GPU "
+                        "takes most of it", e.model_id, e.estimate_bytes / GiB, budget / GiB)
     # Set when this server will not serve (a signal, a failed start): a load in progress stops at
     # its next tensor, so no exit waits out a 7B read or leaves llama.cpp loading at interpreter exit.
     stop_loading = threading.Event()
     pool = ModelPool(entries, lambda e: _load_runtime(e.path, e.model_id, settings, e.chat, compute and compute.call,
                                                       abort=stop_loading.is_set),
                      budget, settings.keep_alive_s, compute=compute,
-                     # Every layer offloaded (the default where there is a GPU): a load needs its estimate
-                     # free in GPU memory. A partial --gpu-layers N is the user's own sizing.
+                     # Offloading every layer (auto, the default, or -1): idle models make room on the GPU.
+                     # A partial --gpu-layers N is the user's own sizing.
                      gpu_memory=_gpu_memory if settings.gpu_layers in (None, -1) else None)
     _raise_open_file_limit(settings.max_connections + 64)
     failed: list[str] = []
@@ -585,8 +606,9 @@ def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
         p.add_argument("--model", help="store id (llamav2-7b-chat, llamav2-7b-chat:q8_0) or a .gguf path; default: the built-in demo")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: all cores)")
     p.add_argument("--gpu-layers", type=_gpu_layers, default=None, metavar="N|auto",
-                   help="layers to offload to Metal/CUDA: -1 = all, 0 = none (default: auto, all when llama-cpp-python "
-                        "was built with a GPU backend and sees a GPU, else none)")
+                   help="layers to offload to Metal/CUDA: -1 = all, 0 = none (default: auto: where llama-cpp-python "
+                        "was built with a GPU backend and sees a GPU, all layers if they fit in its free memory, else as "
+                        "many as fit; none otherwise)")
     p.add_argument("--mmap", action="store_true",
                    help="map the model file instead of reading it: faster loads for types llama.cpp does not "
                         "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")

@@ -13,9 +13,12 @@ unloaded when it is evicted or idles past --keep-alive. Rules:
     budget would be exceeded, idle models are unloaded, least recently used first.
     If nothing can be freed, the request gets a 503 saying what is loaded and what
     the model needs.
-  * Where models are offloaded to a GPU (gpu_memory given), a load also needs its estimate
-    free in GPU memory, as the driver reports it just then; idle models are unloaded for
-    that too, else a 503 says so. --max-memory still counts host memory (the RSS delta).
+  * Where models are offloaded to a GPU (gpu_memory given), idle models are unloaded first
+    until the GPU has the new model's estimate (+10%) free, so that it can be offloaded
+    whole; if that cannot be done, the load offloads the layers that fit (server/cli.py
+    fits the count) and the rest runs on the CPU: never a wait or a 503 for the GPU.
+    --max-memory counts host memory: before a first load, the estimate's share of the
+    layers that will not be offloaded; after it, the measured RSS delta.
   * A model that fails to load stays failed (its file will not mend itself): its
     requests get a 503 quoting the load error, and the other models keep serving.
 
@@ -55,6 +58,7 @@ class Entry:
     file_bytes: int = 0
     estimate_bytes: int = 0           # from the GGUF's shapes, before any load
     measured_bytes: int | None = None  # RSS delta of the last load
+    n_layers: int | None = None        # layers llama.cpp can offload (blocks + output), read when first needed
     pinned: bool = False              # the default model and --preload ones: never unloaded for idling
     state: str = "unloaded"           # unloaded | loading | loaded | failed
     runtime: object | None = None
@@ -67,6 +71,12 @@ class Entry:
     @property
     def cost(self) -> int:
         return self.measured_bytes if self.measured_bytes is not None else self.estimate_bytes
+
+    def layers(self) -> int:
+        """Offloadable layers, from the GGUF's header (read once); 0 where it cannot be read."""
+        if self.n_layers is None:
+            self.n_layers = offloadable_layers(self.path)
+        return self.n_layers
 
     def busy(self) -> bool:
         rt = self.runtime
@@ -95,8 +105,33 @@ def available_memory() -> int:
 
 
 DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
-GPU_HEADROOM = 1.1          # GPU memory asked free before an offloaded load: the estimate + 10%, since
-                            # the CUDA/Metal context and the estimate's rounding are not in it
+GPU_HEADROOM = 1.1          # GPU memory a whole offload asks free: the estimate + 10%, since the
+                            # CUDA/Metal context and the estimate's rounding are not in it
+
+
+def gpu_fit(estimate_bytes: int, n_layers: int, free_bytes: int) -> int:
+    """Layers to offload so that they fit in free_bytes: all n_layers when the estimate (+10%)
+    fits, else as many as fit at an even share of it each (weights, KV cache and compute
+    buffers all grow with the layer count), down to 0."""
+    need = estimate_bytes * GPU_HEADROOM
+    if n_layers <= 0 or need <= free_bytes:
+        return max(n_layers, 0)
+    return max(0, min(n_layers, int(free_bytes // (need / n_layers))))
+
+
+def offloadable_layers(path: Path) -> int:
+    """Layers llama.cpp can offload: the GGUF's block count (next-token-prediction blocks
+    included) plus the output layer; 0 where the header cannot be read."""
+    import gguf
+
+    from .gguf_header import read_header
+
+    try:
+        h = read_header(path)
+        n = h[gguf.Keys.LLM.BLOCK_COUNT.format(arch=h[gguf.Keys.General.ARCHITECTURE])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return n + 1 if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 def estimate_cost(path: Path, n_ctx: int, n_batch: int = 512, kv_type: str = "f16") -> int:
@@ -240,38 +275,42 @@ class ModelPool:
         def used() -> int:
             return sum(x.cost for x in self.entries.values() if x.state in ("loaded", "loading"))
 
-        def gpu_short() -> tuple[int, int]:
-            # (bytes missing on the GPU for e, bytes free there). The estimate, not the RSS delta: an
-            # offloaded model's weights, KV cache and compute buffers live in GPU memory.
-            mem = self.gpu_memory() if self.gpu_memory is not None else None
-            if mem is None:
-                return 0, 0
-            # A load under way has not taken its memory yet (loads run one at a time): count it.
-            pending = sum(int(x.estimate_bytes * GPU_HEADROOM) for x in self.entries.values() if x.state == "loading" and x is not e)
-            free = max(0, mem[0] - pending)
-            return max(0, int(e.estimate_bytes * GPU_HEADROOM) - free), free
-
-        while (over_host := used() + e.cost > self.budget_bytes) or gpu_short()[0] > 0:
+        # The GPU first: idle models make way until e can be offloaded whole. Not while another load
+        # is under way (the driver's free figure holds part of it), and not for a model that could
+        # never fit whole: its load offloads what fits (server/cli.py), with no wait and no 503.
+        while self.gpu_memory is not None and not any(x.state == "loading" and x is not e for x in self.entries.values()):
+            mem = self.gpu_memory()
+            need = int(e.estimate_bytes * GPU_HEADROOM)
             idle = [x for x in self.entries.values() if x.state == "loaded" and not x.busy()]
-            others = any(x.state in ("loaded", "loading") for x in self.entries.values())
-            fits_alone = e.cost <= self.budget_bytes if over_host else True
-            if not idle and not final and others and fits_alone:
+            if mem is None or need <= mem[0] or need > mem[1] or not idle:
+                break
+            self._unload(min(idle, key=lambda x: x.last_used), f"to make room on the GPU for {e.model_id}")
+        cost = self._host_cost(e)
+        while used() + cost > self.budget_bytes:
+            idle = [x for x in self.entries.values() if x.state == "loaded" and not x.busy()]
+            if not idle and (not final and any(x.state in ("loaded", "loading") for x in self.entries.values())
+                             and cost <= self.budget_bytes):
                 return False
             if not idle:
                 loaded = ", ".join(f"{x.model_id} ({x.state}{', busy' if x.busy() else ''}, {x.cost / GiB:.2f} GiB)"
                                    for x in self.entries.values() if x.state in ("loaded", "loading")) or "nothing"
-                if over_host:
-                    raise ModelUnavailable(
-                        f"no memory to load {e.model_id}: it needs about {e.cost / GiB:.2f} GiB and the budget is "
-                        f"{self.budget_bytes / GiB:.2f} GiB; loaded: {loaded}. Retry when a model is idle, or raise --max-memory",
-                        retry_after_s=5)
                 raise ModelUnavailable(
-                    f"no GPU memory to load {e.model_id}: it needs about {e.estimate_bytes * GPU_HEADROOM / GiB:.2f} GiB "
-                    f"and the GPU has {gpu_short()[1] / GiB:.2f} GiB free; loaded: {loaded}. Retry when a model is idle, "
-                    "or offload fewer layers (--gpu-layers)", retry_after_s=5)
-            why = "to make room for " + e.model_id + ("" if over_host else " on the GPU")
-            self._unload(min(idle, key=lambda x: x.last_used), why)
+                    f"no memory to load {e.model_id}: it needs about {cost / GiB:.2f} GiB and the budget is "
+                    f"{self.budget_bytes / GiB:.2f} GiB; loaded: {loaded}. Retry when a model is idle, or raise --max-memory",
+                    retry_after_s=5)
+            self._unload(min(idle, key=lambda x: x.last_used), "to make room for " + e.model_id)
         return True
+
+    def _host_cost(self, e: Entry) -> int:
+        """Host memory e will take: its measured RSS delta once loaded; before that its estimate, less
+        the share of the layers that the GPU's free memory will take (the input embeddings, about a
+        layer's share, stay on the host)."""
+        mem = self.gpu_memory() if self.gpu_memory is not None and e.measured_bytes is None else None
+        if mem is None or not e.layers():
+            return e.cost
+        n = e.layers()
+        k = gpu_fit(e.estimate_bytes, n, mem[0])
+        return int(e.estimate_bytes * min(n, n - k + 1) / n)
 
     def _unload(self, e: Entry, why: str) -> None:
         """Caller holds _lock; e is idle, so closing its runtime waits for nothing."""
@@ -374,7 +413,8 @@ class ModelPool:
                      "estimated_bytes": e.estimate_bytes, "endpoint": f"/{e.model_id}-webhook/predict"}
                 if e.runtime is not None:
                     i = e.runtime.info
-                    d.update({"chat": i.chat, "backend": i.backend, "n_ctx": i.n_ctx, "n_parallel": i.n_parallel})
+                    d.update({"chat": i.chat, "backend": i.backend, "placement": i.placement(), "gpu_layers": i.n_gpu_layers,
+                              "n_ctx": i.n_ctx, "n_parallel": i.n_parallel})
                 if e.error:
                     d["error"] = e.error
                 out.append(d)

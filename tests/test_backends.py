@@ -46,3 +46,11 @@ def test_the_cli_says_which_kernels_it_runs(tmp_path):
                                                                            "LLAMABOX_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert f"llamabox: CPU backend: {cpu_backend().describe()}" in out.stderr.splitlines()
+
+
+def test_no_gpu_memory_is_reported_where_llama_cpp_offloads_nothing():
+    from runtime.model import backend_name
+
+    if backend_name() != "CPU":
+        pytest.skip("this llama.cpp build can offload")
+    assert backends.gpu_memory() is None

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from runtime import GenerationParams, load
-from server.pool import Entry, ModelPool, ModelUnavailable, estimate_cost, rss_bytes
+from server.pool import Entry, ModelPool, ModelUnavailable, estimate_cost, gpu_fit, offloadable_layers, rss_bytes
 
 KEY = {"Authorization": "test-key-123"}
 GREEDY = {"prompt": "Numbers like 1234", "max_length": 12, "temperature": 0}
@@ -131,31 +131,100 @@ def test_no_room_is_a_503_saying_what_is_loaded(big_gguf, big6_gguf):
         pool.close()
 
 
-def test_offloaded_models_take_turns_within_the_gpus_free_memory(gguf_files):
-    """With models offloaded, a load needs its estimate (+10%) free on the GPU: idle models make way,
-    a busy one means a 503 that says so. The GPU here is a stand-in whose free memory is what the
-    loaded models' estimates leave of its capacity; the models themselves are real."""
+class StandInGpu:
+    """A GPU whose free memory is what the loaded models' estimates leave of its capacity. The pool's
+    logic is what is tested; the models themselves are real and load on the CPU."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.pool = capacity, None
+
+    def __call__(self):
+        used = sum(x.estimate_bytes for x in self.pool.entries.values() if x.state == "loaded")
+        return self.capacity - used, self.capacity
+
+
+def test_idle_models_make_room_on_the_gpu_and_busy_ones_do_not_block_a_load(gguf_files):
     a, b = entry("a", gguf_files["f16"]), entry("b", gguf_files["q8_0"])
     big, small = max(a.estimate_bytes, b.estimate_bytes), min(a.estimate_bytes, b.estimate_bytes)
-    capacity = int(1.1 * big + 0.5 * small)  # either alone fits; both never do
-
-    def gpu_memory():
-        used = sum(x.estimate_bytes for x in pool.entries.values() if x.state == "loaded")
-        return capacity - used, capacity
-
-    pool = ModelPool([a, b], loader(), 1 << 40, room_wait_s=0.5, gpu_memory=gpu_memory)
+    gpu = StandInGpu(int(1.1 * big + 0.5 * small))  # either fits whole; both never do
+    gpu.pool = pool = ModelPool([a, b], loader(), 1 << 40, room_wait_s=0.5, gpu_memory=gpu)
     try:
         pool.release(pool.acquire("a").info.model_id)
-        rt = pool.acquire("b")  # a is idle: unloaded to make room on the GPU, though host memory has room
+        rt = pool.acquire("b")  # a is idle: unloaded so that b fits whole, though host memory has room
         assert rt.info.model_id == "b" and pool.entries["a"].state == "unloaded"
-        with pytest.raises(ModelUnavailable) as e:  # b holds a lease: a cannot come back
-            pool.acquire("a")
-        assert "no GPU memory to load a" in str(e.value) and "b (loaded, busy" in str(e.value)
-        pool.release("b")
-        assert pool.acquire("a").info.model_id == "a" and pool.entries["b"].state == "unloaded"
+        # b is busy: a loads beside it at once (offloading what fits), no wait and no 503 for the GPU
+        t0 = time.monotonic()
+        assert pool.acquire("a").info.model_id == "a" and time.monotonic() - t0 < 0.5
+        assert pool.entries["b"].state == "loaded"
         pool.release("a")
+        pool.release("b")
     finally:
         pool.close()
+
+
+def test_no_model_is_unloaded_for_one_that_could_never_fit_the_gpu_whole(gguf_files):
+    a, b = entry("a", gguf_files["q8_0"]), entry("b", gguf_files["f16"])
+    gpu = StandInGpu(int(1.05 * b.estimate_bytes))  # b + 10% is more than the whole GPU
+    gpu.pool = pool = ModelPool([a, b], loader(), 1 << 40, gpu_memory=gpu)
+    try:
+        pool.release(pool.acquire("a").info.model_id)
+        pool.release(pool.acquire("b").info.model_id)
+        assert pool.entries["a"].state == "loaded"  # unloading a could not have made b fit whole
+    finally:
+        pool.close()
+
+
+def test_host_memory_counts_only_the_layers_the_gpu_will_not_take(gguf_files):
+    e = entry("a", gguf_files["f16"])
+    budget = e.estimate_bytes // 2  # the whole model would not fit in host memory
+    no_gpu = ModelPool([e], loader(), budget, room_wait_s=0.1)
+    try:
+        with pytest.raises(ModelUnavailable, match="no memory to load a"):
+            no_gpu.acquire("a")
+    finally:
+        no_gpu.close()
+    e = entry("a", gguf_files["f16"])
+    gpu = StandInGpu(4 * e.estimate_bytes)
+    gpu.pool = pool = ModelPool([e], loader(), budget, room_wait_s=0.1, gpu_memory=gpu)
+    try:
+        assert pool._host_cost(e) == e.estimate_bytes // e.layers()  # all layers offloaded: the embeddings stay
+        pool.release(pool.acquire("a").info.model_id)
+    finally:
+        pool.close()
+
+
+def test_gpu_fit_offloads_every_layer_when_it_fits_else_an_even_share():
+    assert gpu_fit(1000, 10, 1100) == 10
+    assert gpu_fit(1000, 10, 1099) == 9   # 110 per layer with the 10% headroom
+    assert gpu_fit(1000, 10, 550) == 5
+    assert gpu_fit(1000, 10, 100) == 0
+    assert gpu_fit(1000, 0, 10**9) == 0   # an unreadable header: nothing known to offload
+
+
+def test_auto_offloads_every_layer_if_they_fit_else_what_fits_and_says_so(gguf_files, monkeypatch, caplog):
+    import logging
+
+    from server import cli
+    from server.settings import Settings
+
+    path, settings = gguf_files["q8_0"], Settings(n_ctx=256)
+    n, need = offloadable_layers(path), estimate_cost(path, 256) * 1.1
+    monkeypatch.setattr(cli, "_gpu_memory", lambda: (int(need) + 1, 10 * int(need)))
+    assert cli._fit_gpu_layers(path, "m", settings) == -1  # all of them
+    monkeypatch.setattr(cli, "_gpu_memory", lambda: (int(2 * need / n) + 1, 10 * int(need)))
+    with caplog.at_level(logging.WARNING, logger="llamabox"):
+        assert cli._fit_gpu_layers(path, "m", settings) == 2
+    assert f"offloading 2 of its {n} layers" in caplog.text
+    monkeypatch.setattr(cli, "_gpu_memory", lambda: None)  # no GPU: the runtime runs on the CPU
+    assert cli._fit_gpu_layers(path, "m", settings) is None
+
+
+def test_offloadable_layers_are_the_blocks_and_the_output_layer(gguf_files, tmp_path):
+    from tinyllama import TinyConfig
+
+    assert offloadable_layers(gguf_files["q8_0"]) == TinyConfig().n_layer + 1
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    assert offloadable_layers(tmp_path / "bad.gguf") == 0
 
 
 def test_keep_alive_unloads_idle_models_but_not_pinned_ones(gguf_files):

@@ -12,7 +12,7 @@ import pytest
 
 from prompts import GREEDY, long_text
 from runtime import GenerationParams
-from runtime.errors import KVCacheFull, LoadStopped, ModelLoadError, QueueFull, ShuttingDown, WorkerDied
+from runtime.errors import KVCacheFull, LoadStopped, QueueFull, ShuttingDown, WorkerDied
 from runtime.model import LlamaModel, LoadConfig
 from builds import OFFLOADING
 
@@ -104,39 +104,6 @@ def test_a_load_asked_to_stop_stops_with_a_load_error(gguf_files):
     assert asked
     m = LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=256, n_threads=2), abort=lambda: False)  # never asked to stop
     m.close()
-
-
-def test_the_model_is_warmed_up_on_the_decoding_thread_before_load_returns(gguf_files, monkeypatch):
-    """The first decode's one-time costs (OpenMP's thread team is per calling thread) are paid by a
-    [BOS, EOS] decode on the worker, before the runtime exists, and the cache is left empty."""
-    from runtime import load
-
-    seen, real = [], LlamaModel.warm_up
-
-    def spy(self):
-        seen.append(threading.current_thread().name)
-        real(self)
-
-    monkeypatch.setattr(LlamaModel, "warm_up", spy)
-    rt = load(gguf_files["q8_0"], n_ctx=256, n_threads=2)
-    try:
-        assert seen == ["llamabox-worker"]
-        assert all(rt.model.seq_pos_max(s) == -1 for s in range(rt.model.config.n_seq_max))  # nothing left in the cache
-        assert rt.scheduler.stats["prompt_tokens_evaluated"] == 0
-        assert rt.generate("Hello", GenerationParams(max_length=4, temperature=0.0)).completions[0].generated_tokens > 0
-    finally:
-        rt.close()
-
-
-def test_a_failed_warm_up_is_a_load_error(gguf_files, monkeypatch):
-    from runtime import load
-
-    def broken(self):
-        raise RuntimeError("llama_decode failed with code -3 (2 tokens)")
-
-    monkeypatch.setattr(LlamaModel, "warm_up", broken)
-    with pytest.raises(ModelLoadError, match="first decode failed: RuntimeError: llama_decode failed"):
-        load(gguf_files["q8_0"], n_ctx=256, n_threads=2)
 
 
 def _inject_kv_full(monkeypatch, model, times: int):
