@@ -166,8 +166,9 @@ def llamabox_peer(model: str, threads: int, ctx: int, parallel: int, kv_type: st
                   name: str = "llamabox") -> Peer:
     """`python -m server.cli serve` run in `root`: python -m puts the working directory first on
     sys.path, so another checkout (git worktree) of llamabox runs its own code with this venv."""
+    # --gpu-layers 0 (and -ngl 0, --n_gpu_layers 0 below): a CPU comparison on any build, GPU builds too.
     argv = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--threads", str(threads), "--ctx", str(ctx),
-            "--parallel", str(parallel), "--queue-size", "64", "--no-ui"]
+            "--parallel", str(parallel), "--queue-size", "64", "--no-ui", "--gpu-layers", "0"]
     if kv_type:
         argv += ["--kv-type", kv_type]
     return Peer(name, argv, "--port", cwd=root)
@@ -177,7 +178,7 @@ def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel
     # -np N with --kv-unified: one pool of ctx cells for all slots, as llamabox has (llama-server's
     # own default, -np auto, is 4 slots with a unified cache). --load-mode none: read, not mapped, as llamabox.
     argv = [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", str(parallel),
-            "--kv-unified", "--load-mode", "none", "-fa", "auto", "--host", "127.0.0.1", "--no-webui"]
+            "--kv-unified", "--load-mode", "none", "-fa", "auto", "--host", "127.0.0.1", "--no-webui", "-ngl", "0"]
     if kv_type:
         argv += ["-ctk", kv_type, "-ctv", kv_type]
     return Peer("llama-server", argv, "--port", extra_body={"ignore_eos": True}, usage_is_per_choice=True)
@@ -198,7 +199,8 @@ def llama_cpp_python_peer(model: str, threads: int, ctx: int) -> Peer:
                        check=True)
         (LCP_DEPS / ".complete").write_text("")
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(ctx), "--n_threads", str(threads),
-            "--n_threads_batch", str(threads), "--use_mmap", "false", "--flash_attn", "true", "--host", "127.0.0.1"]
+            "--n_threads_batch", str(threads), "--use_mmap", "false", "--flash_attn", "true", "--n_gpu_layers", "0",
+            "--host", "127.0.0.1"]
     path = os.pathsep.join(x for x in (str(LCP_DEPS), os.environ.get("PYTHONPATH")) if x)
     return Peer("llama-cpp-python", argv, "--port", env={"PYTHONPATH": path}, health="/v1/models",
                 measures={"fresh_gen1", "fresh_clients4", "gen1", "clients4"})
