@@ -31,14 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 PROMPTS = ("Once upon a time", "The little dog", "She opened the door and")
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _gpu_mib(pid: int) -> float | None:
@@ -56,15 +50,15 @@ def _gpu_mib(pid: int) -> float | None:
 
 
 def child(arm: str, model: str, n_gen: int) -> dict:
-    sys.path.insert(0, str(ROOT))
     from runtime import GenerationParams, cpu_backend, load
+    from server.pool import rss_bytes
 
     greedy = GenerationParams(max_length=n_gen, temperature=0.0)
     rt = load(model, n_ctx=2048, n_gpu_layers=0 if arm == "cpu" else None, n_parallel=4, chat=False)
     try:
         out: dict = {"arm": arm, "placement": rt.info.placement(), "backend": rt.info.backend,
                      "gpu_layers": rt.info.n_gpu_layers, "layers": rt.info.n_layers, "cpu_kernels": cpu_backend().describe(),
-                     "load_s": round(rt.info.load_seconds, 3), "rss_mib": round(_rss_mib(), 1), "gpu_mib": _gpu_mib(os.getpid())}
+                     "load_s": round(rt.info.load_seconds, 3), "rss_mib": round(rss_bytes() / 2**20, 1), "gpu_mib": _gpu_mib(os.getpid())}
         out["texts"] = [rt.generate(p, greedy).completions[0].text for p in PROMPTS]
 
         def timed(prompt: str) -> float:
@@ -92,20 +86,10 @@ def child(arm: str, model: str, n_gen: int) -> dict:
         out["prefix_restore"] = {"restores": rt.scheduler.cache.stats["prefix_cache_restores"] - restores,
                                  "parks": rt.scheduler.cache.stats["prefix_cache_parks"], "same_text": first == again}
         out["gpu_mib_after"] = _gpu_mib(os.getpid())
-        out["rss_mib_after"] = round(_rss_mib(), 1)
+        out["rss_mib_after"] = round(rss_bytes() / 2**20, 1)
         return out
     finally:
         rt.close()
-
-
-def _agree(a: str, b: str) -> int:
-    """Characters the two texts share from the start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def main() -> int:
@@ -125,12 +109,14 @@ def main() -> int:
             print(f"{arm}: failed (exit {p.returncode})\n{p.stderr[-3000:]}", file=sys.stderr)
             return 1
         arms[arm] = json.loads(p.stdout.strip().splitlines()[-1])
+    from runtime.prefix_cache import common_prefix
+
     cpu, auto = arms["cpu"], arms["auto"]
     print(f"model {args.model}\nCPU kernels: {cpu['cpu_kernels']}")
     rows = ("placement", "load_s", "rss_mib", "gpu_mib", "tok_s_1", "tok_s_4", "prefix_restore", "rss_mib_after", "gpu_mib_after")
     for key in rows:
         print(f"  {key:15} cpu: {cpu[key]!s:34} auto: {auto[key]!s}")
-    agree = [_agree(a, b) for a, b in zip(cpu["texts"], auto["texts"])]
+    agree = [common_prefix(a, b) for a, b in zip(cpu["texts"], auto["texts"])]  # characters
     lengths = [len(t) for t in cpu["texts"]]
     print(f"  greedy texts agree for {agree} of {lengths} characters")
     for t in auto["texts"]:
