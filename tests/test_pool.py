@@ -99,6 +99,7 @@ def test_swapping_under_a_budget_for_one_model(serve_pool, big_gguf, big6_gguf):
     assert set(listed) == {"a", "b"} and {d["state"] for d in listed.values()} <= {"loaded", "unloaded"}
     loaded = [d for d in listed.values() if d["state"] == "loaded"]
     assert len(loaded) == 1 and loaded[0]["memory_bytes"] > 0 and loaded[0]["file_bytes"] > 0
+    assert loaded[0]["placement"] == "CPU" and loaded[0]["gpu_layers"] == 0  # this loader keeps models on the CPU
 
 
 def test_a_corrupt_model_fails_alone(serve_pool, gguf_files, tmp_path):
