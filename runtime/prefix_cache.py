@@ -73,18 +73,14 @@ class PrefixCache:
         (never the whole prompt: its last token is evaluated to get logits); (None, 0) if none is
         worth it. Sharing the cells of an entry a running job pins is free; using any other entry
         (parked, or idle and resident) keeps all its cells in the KV cache for the job's lifetime,
-        which a few shared tokens (BOS, a chat template's opening) do not pay for, unless the job
-        uses at least as many of its cells as it leaves idle (a short prompt asked again)."""
+        which a few shared tokens (BOS, a chat template's opening) do not pay for."""
         best = max(self.entries, key=lambda e: common_prefix(e.tokens, tokens), default=None)
         if best is None:
             return None, 0
         shared = min(common_prefix(best.tokens, tokens), len(tokens) - 1)
-        if shared <= 0 or (best.pins == 0 and shared < self.min_restore and len(best.tokens) - shared > shared):
+        if shared <= 0 or (best.pins == 0 and shared < self.min_restore):
             return None, 0
         return best, shared
-
-    def has_free_slot(self) -> bool:
-        return bool(self._free_ids)
 
     def resident_cells(self) -> int:
         """KV cells held by entries now (pinned ones, and idle ones while nothing runs)."""

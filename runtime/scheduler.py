@@ -421,15 +421,11 @@ class Scheduler:
         so remembering costs the budget only the `start` cells it shares with another entry.
         A prompt that adds fewer than min_cached_prompt tokens to a cached prefix (a question
         after a shared document) is not kept: a later hit would save as little, and its host
-        copy would repeat the whole prefix. A prompt that is short as a whole is kept only in a
-        free cache slot, never at the cost of another entry: asked again, it is then not
-        evaluated again, as llama-server's slots do not (issue 15: 3.5% of a 1.1B's time in a
-        128-token request went to re-evaluating a repeated 12-token prompt).
+        copy would repeat the whole prefix.
         """
         tokens = job.tokens
         own = len(tokens) - job.reused  # the cells this job evaluated itself
-        short = len(tokens) < self.min_cached_prompt
-        if (own < self.min_cached_prompt and not (short and own > 1 and self.cache.has_free_slot())) or self.cache.holds(tokens):
+        if own < self.min_cached_prompt or self.cache.holds(tokens):
             return
         if self._reserved - own + self.cache.pinned_cells() + len(tokens) > self.model.n_ctx:
             return

@@ -124,34 +124,6 @@ def test_host_copies_stay_within_the_context_size_and_the_entry_count(fresh):
 
 # --- --kv-type -----------------------------------------------------------------------
 
-def test_a_short_prompt_asked_again_is_not_evaluated_again(fresh):
-    rt = fresh()
-    prompt = "Once upon a time"
-    n = len(rt.prompt_tokens(prompt, GREEDY))
-    assert 2 < n < rt.scheduler.min_cached_prompt
-    cold = rt.generate(prompt, GREEDY).completions[0].text
-    before = dict(rt.scheduler.stats)
-    assert rt.generate(prompt, GREEDY).completions[0].text == cold
-    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
-    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 1
-
-
-def test_a_short_prompt_takes_only_a_free_cache_slot_never_a_cached_prompt_s(fresh):
-    rt = fresh()  # n_cache 3
-    cache = rt.scheduler.cache
-    longs = [f"Document {i}: " + long_text(40) for i in range(3)]
-    for text in longs:
-        rt.generate(text, GREEDY)
-    idle(rt)
-    kept = [e.tokens for e in cache.entries]
-    assert len(kept) == 3 and not cache.has_free_slot()
-    rt.generate("Once upon a time", GREEDY)
-    idle(rt)
-    assert [e.tokens for e in cache.entries] == kept  # nothing evicted for it, and it was not kept
-    # A prompt that shares only BOS with a long idle entry still does not take it into the KV cache.
-    assert cache.best(rt.prompt_tokens("Once upon a time", GREEDY)) == (None, 0)
-
-
 def test_a_q8_0_kv_cache_loads_generates_and_takes_about_half_the_memory(fresh):
     f16, q8 = fresh(), fresh(kv_type="q8_0")
     assert q8.info.kv_type == "q8_0"
