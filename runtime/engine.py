@@ -35,8 +35,8 @@ class RuntimeInfo:
     model_id: str
     path: str
     backend: str           # "CPU", "CUDA", "Metal", ...
-    n_gpu_layers: int      # layers llama.cpp offloaded (n_layer blocks + the output layer at most); 0 on the CPU
-    n_layers: int          # layers that could be offloaded: n_layer + 1
+    n_gpu_layers: int      # layers llama.cpp offloaded, at most n_layers; 0 on the CPU
+    n_layers: int          # layers that could be offloaded: the GGUF's blocks (nextn ones too) + the output layer
     n_ctx: int             # KV cells shared by all running sequences
     n_ctx_train: int
     n_threads: int
