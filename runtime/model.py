@@ -258,6 +258,28 @@ class LlamaModel:
         """Sample (and accept) one token from the logits at batch_index of the last decode."""
         return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, batch_index)
 
+    def logits_row(self, batch_index: int) -> bytes:
+        """A copy of the logits row at batch_index of the last decode: n_vocab float32s (4 bytes each)."""
+        return ctypes.string_at(llama_cpp.llama_get_logits_ith(self._ctx, batch_index), 4 * self.n_vocab)
+
+    def sample_saved(self, sampler: "Sampler", row: bytes) -> int:
+        """Sample (and accept) one token from a logits_row() copy, as sample() does from the last decode:
+        llama_sampler_sample builds the same candidates (every token id in order, its logit, p 0),
+        applies the chain and accepts the pick. Same row, same sampler state: same token."""
+        if len(row) != 4 * self.n_vocab:
+            raise ValueError(f"a logits row of {len(row)} bytes for a vocabulary of {self.n_vocab}")
+        cur = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+        cur["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cur["logit"] = np.frombuffer(row, dtype=np.float32)
+        arr = llama_cpp.llama_token_data_array(cur.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                               self.n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(sampler.chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise RuntimeError(f"the sampler chain selected candidate {arr.selected} of {arr.size}")
+        token = arr.data[arr.selected].id
+        llama_cpp.llama_sampler_accept(sampler.chain, token)
+        return token
+
     def logits(self, batch_index: int) -> list[float]:
         """The raw logits row at batch_index of the last decode (tests compare them to a reference)."""
         row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)

@@ -22,7 +22,14 @@ tokens of Llama 2 7B (tens of ms), against re-evaluating the prompt (25 s for 50
 
 Budgets: at most len(seq_ids) entries (each holds a llama.cpp sequence id) and `max_tokens`
 tokens in all (the scheduler passes the context size, so the host copies never take more RAM
-than the KV cache itself). The least recently used idle entry is evicted first.
+than the KV cache itself). Short idle entries (under min_restore tokens: cheap to evaluate again)
+are evicted first, then the least recently used idle entry.
+
+A hit on the whole of an entry's prompt evaluates nothing: the entry keeps the logits of its last
+token (n_vocab float32s: 125 KiB for Llama 2's 32,000 tokens), and the first token is sampled from
+them. Evaluating that last token again instead would be done alone, with llama.cpp's matrix-vector
+kernels, which sum in another order than the batched kernels that evaluated the prompt, so the
+logits, and on close calls the greedy text, would differ from the first time the prompt was asked.
 
 Worker thread only, like everything that touches the llama.cpp context.
 """
@@ -45,6 +52,7 @@ class CacheEntry:
     pins: int = 0                # running jobs sharing these cells; resident while > 0, never evicted
     resident: bool = True        # its cells are in the KV cache under seq_id (pinned, or idle while nothing runs)
     host: bytearray | None = None  # llama_state_seq_get_data of its cells, once it has been parked
+    logits: bytes | None = None  # the logits row of its last token, from the decode that evaluated it
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -59,7 +67,9 @@ class PrefixCache:
     def __init__(self, model: LlamaModel, seq_ids: list[int], max_tokens: int, min_restore: int):
         self.model = model
         self.max_tokens = max_tokens
-        self.min_restore = min_restore  # shared tokens below which a parked entry is not brought back
+        # Shared tokens below which an idle entry is not used (unless a job uses all of it); entries
+        # shorter than this are the first evicted.
+        self.min_restore = min_restore
         self.entries: list[CacheEntry] = []
         self._free_ids = list(seq_ids)
         # Counters (worker writes, others read one value at a time): hits that restored a parked
@@ -69,18 +79,25 @@ class PrefixCache:
     # --- reading ------------------------------------------------------------------
 
     def best(self, tokens: list[int]) -> tuple[CacheEntry | None, int]:
-        """The entry sharing the longest prefix with `tokens`, and how many tokens a job can reuse
-        (never the whole prompt: its last token is evaluated to get logits); (None, 0) if none is
-        worth it. Sharing the cells of an entry a running job pins is free; using any other entry
-        (parked, or idle and resident) keeps all its cells in the KV cache for the job's lifetime,
-        which a few shared tokens (BOS, a chat template's opening) do not pay for."""
-        best = max(self.entries, key=lambda e: common_prefix(e.tokens, tokens), default=None)
+        """The entry sharing the longest prefix with `tokens`, and how many tokens a job can reuse:
+        all of them when an entry holds exactly this prompt and its last logits, else all but the
+        last (evaluated to get logits); (None, 0) if none is worth it. Sharing the cells of an
+        entry a running job pins is free; using any other entry (parked, or idle and resident)
+        keeps all its cells in the KV cache for the job's lifetime, which a few shared tokens
+        (BOS, a chat template's opening) do not pay for."""
+        best = max(self.entries, key=lambda e: (common_prefix(e.tokens, tokens), self._whole(e, tokens)), default=None)
         if best is None:
             return None, 0
-        shared = min(common_prefix(best.tokens, tokens), len(tokens) - 1)
-        if shared <= 0 or (best.pins == 0 and shared < self.min_restore):
+        shared = len(tokens) if self._whole(best, tokens) else min(common_prefix(best.tokens, tokens), len(tokens) - 1)
+        # An idle entry that a job would use wholly leaves no cell of it idle: worth it at any length.
+        if shared <= 0 or (best.pins == 0 and shared < self.min_restore and not self._whole(best, tokens)):
             return None, 0
         return best, shared
+
+    @staticmethod
+    def _whole(entry: CacheEntry, tokens: list[int]) -> bool:
+        """The entry is this very prompt, with the logits to sample its first token from."""
+        return entry.logits is not None and entry.tokens == tokens
 
     def resident_cells(self) -> int:
         """KV cells held by entries now (pinned ones, and idle ones while nothing runs)."""
@@ -92,12 +109,16 @@ class PrefixCache:
         return sum(len(e.tokens) for e in self.entries if e.pins > 0)
 
     def host_bytes(self) -> int:
-        return sum(len(e.host) for e in self.entries if e.host is not None)
+        return sum(len(e.host or b"") + len(e.logits or b"") for e in self.entries)
 
     def pin_cells(self, entry: CacheEntry) -> int:
         """KV cells a hit on `entry` adds to pinned_cells(): all of its tokens unless a running job
         already shares it (parked, it is copied back; idle and resident, it stays instead of being parked)."""
         return 0 if entry.pins > 0 else len(entry.tokens)
+
+    def has_free_slot(self) -> bool:
+        """A sequence id is free: an entry can be added without evicting one."""
+        return bool(self._free_ids)
 
     def holds(self, tokens: list[int]) -> bool:
         return any(e.tokens == tokens for e in self.entries)
@@ -121,15 +142,16 @@ class PrefixCache:
         entry.last_used = time.monotonic()
         return True
 
-    def add(self, tokens: list[int], src_seq: int) -> CacheEntry | None:
+    def add(self, tokens: list[int], src_seq: int, logits: bytes | None = None) -> CacheEntry | None:
         """Remember the first len(tokens) cells of src_seq (a finished prompt) as a new entry,
-        pinned once (by the job that evaluated it). None if no room can be made."""
+        pinned once (by the job that evaluated it), with the logits of its last token if given.
+        None if no room can be made."""
         if len(tokens) > self.max_tokens:
             return None
         while not self._free_ids or self._tokens() + len(tokens) > self.max_tokens:
             if not self.evict_lru():
                 return None
-        entry = CacheEntry(self._free_ids.pop(), list(tokens), time.monotonic(), pins=1)
+        entry = CacheEntry(self._free_ids.pop(), list(tokens), time.monotonic(), pins=1, logits=logits)
         self.model.seq_copy(src_seq, entry.seq_id, 0, len(tokens))
         self.entries.append(entry)
         return entry
@@ -171,10 +193,13 @@ class PrefixCache:
         self._free_ids.append(entry.seq_id)
 
     def evict_lru(self) -> bool:
+        """Evict one idle entry: a short one (under min_restore tokens, cheap to evaluate again)
+        if there is one, else the least recently used."""
         victims = [e for e in self.entries if e.pins == 0]
         if not victims:
             return False
-        self.evict(min(victims, key=lambda e: e.last_used))
+        short = [e for e in victims if len(e.tokens) < self.min_restore]
+        self.evict(min(short or victims, key=lambda e: e.last_used))
         return True
 
     def clear(self) -> None:

@@ -316,7 +316,8 @@ class Scheduler:
         # Idle entries left resident while nothing ran would widen this job's attention: out they go,
         # except the one it shares (a follow-up turn then needs no copy at all).
         self.cache.park_idle(keep=best)
-        # Reuse the longest cached prefix; at least one token is always evaluated for logits.
+        # Reuse the longest cached prefix: all of it when an entry is this very prompt (its stored
+        # logits give the first token), else all but the last token, evaluated for logits.
         if best is not None and not self.cache.share(best, ids[0], start):
             start = 0  # llama.cpp found no cells to put the parked prefix back
         if start > 0:
@@ -327,7 +328,10 @@ class Scheduler:
         log.debug("prompt of %d tokens, %d reused from the prefix cache", len(job.tokens), start)
         self.stats["prompt_tokens_reused"] += start
         self.stats["prefix_cache_hits"] += start > 0
-        self._prefill.append(job)
+        if start == len(job.tokens):
+            self._prompt_done(job, saved=best.logits)
+        else:
+            self._prefill.append(job)
 
     def _requeue(self, job: Job) -> None:
         """Undo _begin for a job whose prompt is still being evaluated, and put it first in line."""
@@ -401,35 +405,43 @@ class Scheduler:
             self._prompt_done(job, logits_index)
         self._retire()
 
-    def _prompt_done(self, job: Job, logits_index: int) -> None:
-        """The prompt is in s0's cells: copy them to the other sequences, cache them, sample the first tokens."""
-        self._prefill.remove(job)
+    def _prompt_done(self, job: Job, logits_index: int = -1, saved: bytes | None = None) -> None:
+        """The prompt is in s0's cells: copy them to the other sequences, cache them, sample the first
+        tokens from the last decode's logits at logits_index, or from `saved` (a cache entry's) when
+        the whole prompt came from the prefix cache."""
         seqs = self._jobs[id(job)][1]
         s0 = seqs[0].seq_id
         for s in seqs[1:]:
             self.model.seq_copy(s0, s.seq_id)
-        self._remember(job, s0)
+        if saved is None:
+            self._prefill.remove(job)
+            self._remember(job, s0, logits_index)
         for s in seqs:
-            self._accept(s, self.model.sample(s.sampler, logits_index))
+            token = self.model.sample(s.sampler, logits_index) if saved is None else self.model.sample_saved(s.sampler, saved)
+            self._accept(s, token)
         self._active.extend(s for s in seqs if s.finish is None)
         self._maybe_finish(job)
 
-    def _remember(self, job: Job, s0: int) -> None:
+    def _remember(self, job: Job, s0: int, logits_index: int) -> None:
         """Keep this prompt's KV cells under a cache sequence id for later prefix reuse.
 
         The entry takes over the accounting of the job's own prompt cells (tokens[start:]),
         so remembering costs the budget only the `start` cells it shares with another entry.
         A prompt that adds fewer than min_cached_prompt tokens to a cached prefix (a question
         after a shared document) is not kept: a later hit would save as little, and its host
-        copy would repeat the whole prefix.
+        copy would repeat the whole prefix. A short prompt that shares nothing is kept, but only
+        in a free cache slot, never displacing an entry: asked again (the same question, a
+        client's retry, a benchmark's loop), it is then answered without evaluating anything.
         """
         tokens = job.tokens
         own = len(tokens) - job.reused  # the cells this job evaluated itself
-        if own < self.min_cached_prompt or self.cache.holds(tokens):
+        if own < self.min_cached_prompt and (job.reused or not self.cache.has_free_slot()):
+            return
+        if self.cache.holds(tokens):
             return
         if self._reserved - own + self.cache.pinned_cells() + len(tokens) > self.model.n_ctx:
             return
-        entry = self.cache.add(tokens, s0)
+        entry = self.cache.add(tokens, s0, self.model.logits_row(logits_index))
         if entry is None:
             return
         job.pinned.append(entry)

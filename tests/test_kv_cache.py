@@ -47,8 +47,8 @@ def test_a_cached_prompt_stays_resident_while_nothing_runs_and_a_follow_up_share
 
     before = dict(rt.scheduler.stats)
     assert rt.generate(prompt, GREEDY).completions[0].text == cold
-    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
-    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 1
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 0
     assert cache.stats["prefix_cache_restores"] == 0 and cache.stats["prefix_cache_parks"] == 0
 
 
@@ -68,7 +68,7 @@ def test_another_prompt_parks_the_idle_entry_and_a_later_hit_brings_it_back_with
 
     before = dict(rt.scheduler.stats)
     assert rt.generate(a, GREEDY).completions[0].text == cold  # copied back from host memory
-    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n
     assert cache.stats["prefix_cache_restores"] == 1
     idle(rt)
     assert ea.resident and not eb.resident and rt.model.seq_pos_max(eb.seq_id) == -1
@@ -122,6 +122,46 @@ def test_host_copies_stay_within_the_context_size_and_the_entry_count(fresh):
     assert sum(e.resident for e in cache.entries) <= 1  # only the last prompt, while nothing runs
 
 
+def test_a_short_prompt_asked_again_is_answered_from_the_cache_with_the_same_text(fresh):
+    rt = fresh()
+    cold = rt.generate("Once upon a time", GREEDY).completions[0].text
+    idle(rt)
+    [entry] = rt.scheduler.cache.entries
+    assert len(entry.tokens) < rt.scheduler.min_cached_prompt
+    before = dict(rt.scheduler.stats)
+    assert rt.generate("Once upon a time", GREEDY).completions[0].text == cold
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] == before["prompt_tokens_evaluated"]
+    # A shorter prompt that the entry begins with is not a whole hit: evaluated, not pinned to the entry.
+    rt.generate("Once upon", GREEDY)
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] > before["prompt_tokens_evaluated"]
+
+
+def test_a_short_prompt_takes_only_a_free_cache_slot(fresh):
+    rt = fresh(n_cache=2)
+    cache = rt.scheduler.cache
+    for i in range(2):
+        rt.generate(f"{i} " + long_text(50), GREEDY)
+    idle(rt)
+    longs = list(cache.entries)
+    rt.generate("Once upon a time", GREEDY)
+    idle(rt)
+    assert cache.entries == longs
+
+
+def test_a_long_prompt_evicts_a_short_entry_before_an_older_long_one(fresh):
+    rt = fresh(n_cache=2)
+    cache = rt.scheduler.cache
+    rt.generate(long_text(50), GREEDY)
+    idle(rt)
+    [old] = cache.entries
+    rt.generate("Once upon a time", GREEDY)  # the second slot
+    idle(rt)
+    assert len(cache.entries) == 2
+    rt.generate("Something else: " + long_text(50), GREEDY)
+    idle(rt)
+    assert old in cache.entries and all(len(e.tokens) >= rt.scheduler.min_cached_prompt for e in cache.entries)
+
+
 # --- --kv-type -----------------------------------------------------------------------
 
 def test_a_q8_0_kv_cache_loads_generates_and_takes_about_half_the_memory(fresh):
@@ -166,3 +206,35 @@ def test_an_idle_prefix_of_a_longer_cached_prompt_is_dropped_not_copied_to_host(
     idle(rt)
     assert e1 not in cache.entries and e1.host is None
     assert not e2.resident and e2.host and cache.stats["prefix_cache_parks"] == parks + 1
+
+
+def test_a_prompt_asked_again_evaluates_nothing_and_samples_what_it_sampled_the_first_time(fresh):
+    """The entry keeps its last token's logits: the repeat's first token comes from the very logits
+    the first evaluation produced, so seeded sampling (two sequences) gives the same texts again."""
+    rt = fresh()
+    prompt = long_text(60)
+    p = GenerationParams(max_length=20, temperature=1.2, seed=5, num_return_sequences=2)
+    first = [c.text for c in rt.generate(prompt, p).completions]
+    idle(rt)
+    [entry] = rt.scheduler.cache.entries
+    assert entry.logits is not None and len(entry.logits) == 4 * rt.model.n_vocab
+    before = dict(rt.scheduler.stats)
+    assert [c.text for c in rt.generate(prompt, p).completions] == first
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] == before["prompt_tokens_evaluated"]
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == len(entry.tokens)
+
+
+def test_a_prompt_that_ends_inside_a_cached_one_still_evaluates_its_last_token(fresh):
+    """The stored logits belong to the entry's last token only: a shorter prompt that the entry
+    begins with gets its own logits from a decode of its last token."""
+    rt, plain = fresh(), fresh(n_cache=0)
+    longer = long_text(60)
+    rt.generate(longer, GREEDY)
+    idle(rt)
+    shorter = long_text(45)
+    n = len(rt.prompt_tokens(shorter, GREEDY))
+    before = dict(rt.scheduler.stats)
+    got = rt.generate(shorter, GREEDY).completions[0].text
+    assert rt.scheduler.stats["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n - 1
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 1
+    assert got == plain.generate(shorter, GREEDY).completions[0].text

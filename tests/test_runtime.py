@@ -287,9 +287,9 @@ def test_close_fails_waiting_jobs_and_refuses_new_ones(gguf_files):
         rt.submit("Hello", GREEDY)
 
 
-@batch_invariant
 def test_seeded_sampling_reproduces_with_a_cached_prompt(runtime):
-    """A ~100-token prompt: first evaluated in full, then mostly from the prefix cache."""
+    """A ~100-token prompt: first evaluated in full, then wholly from the prefix cache, its first
+    token sampled from the logits the first evaluation stored (so on GPU kernels too)."""
     prompt = "Rivers flow to the sea, and the sea returns water to the sky as rain. " * 5
     p = GenerationParams(max_length=30, temperature=0.8, seed=11)
     first = texts(runtime.generate(prompt, p))
@@ -297,3 +297,32 @@ def test_seeded_sampling_reproduces_with_a_cached_prompt(runtime):
     second = texts(runtime.generate(prompt, p))
     assert runtime.scheduler.stats["prompt_tokens_reused"] > reused  # the second came from the cache
     assert first == second
+
+
+def test_sampling_a_saved_logits_row_picks_what_sampling_the_decode_picks(gguf_files):
+    """LlamaModel.sample_saved builds llama_sampler_sample's candidates itself: with the same seed
+    it must draw the same token, at a temperature where the seeds draw different ones."""
+    m = LlamaModel(gguf_files["q8_0"], LoadConfig(n_ctx=64, n_threads=2, n_seq_max=1))
+    try:
+        toks = m.tokenize("Once upon a time", add_bos=True)
+        m.decode([(t, i, 0, i == len(toks) - 1) for i, t in enumerate(toks)])
+        row = m.logits_row(len(toks) - 1)
+        drawn = []
+        for seed in range(8):
+            p = GenerationParams(max_length=4, temperature=1.5, top_k=0, seed=seed)
+            a, b = m.new_sampler(p, seed, toks), m.new_sampler(p, seed, toks)
+            try:
+                drawn.append(m.sample(a, len(toks) - 1))
+                assert m.sample_saved(b, row) == drawn[-1]
+            finally:
+                a.free()
+                b.free()
+        assert len(set(drawn)) > 1
+        bad = m.new_sampler(GREEDY, 0, toks)
+        try:
+            with pytest.raises(ValueError, match="logits row"):
+                m.sample_saved(bad, row[:-4])
+        finally:
+            bad.free()
+    finally:
+        m.close()
