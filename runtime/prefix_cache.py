@@ -31,6 +31,11 @@ them. Evaluating that last token again instead would be done alone, with llama.c
 kernels, which sum in another order than the batched kernels that evaluated the prompt, so the
 logits, and on close calls the greedy text, would differ from the first time the prompt was asked.
 
+A job that adds only a short tail to an entry it shares (a question after a cached document)
+gets no entry of its own; the entry follows it instead (follow): its cells past the shared part
+are replaced by the job's, so the next question shares what this one had in common with it, as
+llama-server's slot keeps its latest prompt.
+
 Worker thread only, like everything that touches the llama.cpp context.
 """
 from __future__ import annotations
@@ -155,6 +160,22 @@ class PrefixCache:
         self.model.seq_copy(src_seq, entry.seq_id, 0, len(tokens))
         self.entries.append(entry)
         return entry
+
+    def follow(self, entry: CacheEntry, tokens: list[int], src_seq: int, shared: int, logits: bytes) -> bool:
+        """Make `entry`, whose first `shared` cells a job shares, hold that job's prompt instead: its
+        cells past `shared` are dropped and the job's own (from src_seq) take their place. For a job
+        that adds a short tail (a question after a cached document): the entry follows the latest
+        prompt, as llama-server's slot keeps its last one, with no second copy of the prefix. Not
+        while another job shares the entry (its cells are in use), nor past the token budget."""
+        if entry.pins != 1 or not entry.resident or self.holds(tokens):
+            return False
+        if self._tokens() - len(entry.tokens) + len(tokens) > self.max_tokens:
+            return False
+        self.model.seq_remove(entry.seq_id, shared, -1)
+        self.model.seq_copy(src_seq, entry.seq_id, shared, len(tokens))
+        entry.tokens, entry.logits, entry.host = list(tokens), logits, None  # the old host copy is stale
+        entry.last_used = time.monotonic()
+        return True
 
     def unpin(self, entry: CacheEntry, park: bool) -> None:
         """A job sharing the entry is done with it. The last one out parks it in host memory if

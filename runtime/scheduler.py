@@ -428,14 +428,20 @@ class Scheduler:
         The entry takes over the accounting of the job's own prompt cells (tokens[start:]),
         so remembering costs the budget only the `start` cells it shares with another entry.
         A prompt that adds fewer than min_cached_prompt tokens to a cached prefix (a question
-        after a shared document) is not kept: a later hit would save as little, and its host
-        copy would repeat the whole prefix. A short prompt that shares nothing is kept, but only
-        in a free cache slot, never displacing an entry: asked again (the same question, a
-        client's retry, a benchmark's loop), it is then answered without evaluating anything.
+        after a shared document) gets no entry of its own (its host copy would repeat the whole
+        prefix): the entry it shares follows it instead (PrefixCache.follow), so the next
+        question shares what this one had in common with it. A short prompt that shares nothing
+        is kept, but only in a free cache slot, never displacing an entry: asked again (the same
+        question, a client's retry, a benchmark's loop), it is answered without evaluating anything.
         """
         tokens = job.tokens
         own = len(tokens) - job.reused  # the cells this job evaluated itself
-        if own < self.min_cached_prompt and (job.reused or not self.cache.has_free_slot()):
+        if own < self.min_cached_prompt and job.reused:
+            if self.cache.follow(job.pinned[0], tokens, s0, job.reused, self.model.logits_row(logits_index)):
+                job.reserved -= own  # its own cells are the entry's now, counted by pinned_cells()
+                self._reserved -= own
+            return
+        if own < self.min_cached_prompt and not self.cache.has_free_slot():
             return
         if self.cache.holds(tokens):
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -160,6 +161,54 @@ def test_a_long_prompt_evicts_a_short_entry_before_an_older_long_one(fresh):
     rt.generate("Something else: " + long_text(50), GREEDY)
     idle(rt)
     assert old in cache.entries and all(len(e.tokens) >= rt.scheduler.min_cached_prompt for e in cache.entries)
+
+
+def test_a_short_question_after_a_cached_document_takes_over_its_entry(fresh):
+    """The entry follows the latest prompt (as llama-server's slot does): one entry, no second copy
+    of the document, and that question asked again is answered from it whole."""
+    rt = fresh()
+    cache = rt.scheduler.cache
+    doc = long_text(60)
+    rt.generate(doc + " First question", GREEDY)
+    idle(rt)
+    [entry] = cache.entries
+    second = doc + " Second one"
+    text = rt.generate(second, GREEDY).completions[0].text
+    idle(rt)
+    assert cache.entries == [entry] and entry.tokens == rt.prompt_tokens(second, GREEDY)
+    assert rt.model.seq_pos_max(entry.seq_id) == len(entry.tokens) - 1
+    before = dict(rt.scheduler.stats)
+    assert rt.generate(second, GREEDY).completions[0].text == text
+    assert rt.scheduler.stats["prompt_tokens_evaluated"] == before["prompt_tokens_evaluated"]
+
+
+def test_an_entry_that_another_running_job_shares_does_not_follow_either(fresh, monkeypatch):
+    rt = fresh()
+    cache = rt.scheduler.cache
+    doc = long_text(60)
+    rt.generate(doc + " First question", GREEDY)
+    idle(rt)
+    [entry] = cache.entries
+    real, calls = rt.model.decode, []
+    inside, gate = threading.Event(), threading.Event()
+
+    def decode(entries):  # the real decode; the first one waits until the second job is queued
+        calls.append(entries)
+        if len(calls) == 1:
+            inside.set()
+            assert gate.wait(10)
+        return real(entries)
+
+    monkeypatch.setattr(rt.model, "decode", decode)
+    a = rt.submit(doc + " Question A", GenerationParams(max_length=60, temperature=0.0))
+    assert inside.wait(10)
+    b = rt.submit(doc + " Question B", GREEDY)
+    gate.set()
+    b.future.result(60)
+    a.future.result(60)
+    idle(rt)
+    # A's prompt ended first, with the entry to itself: the entry follows A. B started while A ran.
+    assert cache.entries == [entry] and entry.tokens == rt.prompt_tokens(doc + " Question A", GREEDY)
 
 
 # --- --kv-type -----------------------------------------------------------------------
