@@ -22,8 +22,9 @@ tokens of Llama 2 7B (tens of ms), against re-evaluating the prompt (25 s for 50
 
 Budgets: at most len(seq_ids) entries (each holds a llama.cpp sequence id) and `max_tokens`
 tokens in all (the scheduler passes the context size, so the host copies never take more RAM
-than the KV cache itself). Short idle entries (under min_restore tokens: cheap to evaluate again)
-are evicted first, then the least recently used idle entry.
+than the KV cache itself). The least recently used idle entry is evicted first. A short entry
+(under min_restore tokens: cheap to evaluate again) is dropped, not parked, when it has to leave
+the KV cache, so one is kept only until another request starts.
 
 A hit on the whole of an entry's prompt evaluates nothing: the entry keeps the logits of its last
 token (n_vocab float32s: 125 KiB for Llama 2's 32,000 tokens), and the first token is sampled from
@@ -73,7 +74,7 @@ class PrefixCache:
         self.model = model
         self.max_tokens = max_tokens
         # Shared tokens below which an idle entry is not used (unless a job uses all of it); entries
-        # shorter than this are the first evicted.
+        # shorter than this are dropped instead of parked.
         self.min_restore = min_restore
         self.entries: list[CacheEntry] = []
         self._free_ids = list(seq_ids)
@@ -166,8 +167,12 @@ class PrefixCache:
         cells past `shared` are dropped and the job's own (from src_seq) take their place. For a job
         that adds a short tail (a question after a cached document): the entry follows the latest
         prompt, as llama-server's slot keeps its last one, with no second copy of the prefix. Not
-        while another job shares the entry (its cells are in use), nor past the token budget."""
+        while another job shares the entry (its cells are in use), not when the entry would lose
+        min_restore tokens or more (a long entry that merely begins like the job: what it would
+        lose is worth more than the job's short tail), nor past the token budget."""
         if entry.pins != 1 or not entry.resident or self.holds(tokens):
+            return False
+        if len(entry.tokens) - shared >= self.min_restore:
             return False
         if self._tokens() - len(entry.tokens) + len(tokens) > self.max_tokens:
             return False
@@ -183,7 +188,7 @@ class PrefixCache:
         until a job that does not share it starts (park_idle)."""
         entry.pins -= 1
         if park and entry.pins == 0 and entry.resident and entry in self.entries:
-            self._park(entry)
+            self._take_out(entry)
 
     def park_idle(self, keep: CacheEntry | None = None) -> None:
         """Park every resident entry no job shares, except `keep` (the one a starting job will share).
@@ -195,7 +200,16 @@ class PrefixCache:
                 if any(len(o.tokens) > len(e.tokens) and o.tokens[: len(e.tokens)] == e.tokens for o in self.entries):
                     self.evict(e)
                 else:
-                    self._park(e)
+                    self._take_out(e)
+
+    def _take_out(self, entry: CacheEntry) -> None:
+        """Out of the KV cache with an idle entry: parked, or dropped if it is short (under
+        min_restore tokens): a short prompt is worth keeping while it stays in place, for a
+        repeat, not a host copy at every other request's start."""
+        if len(entry.tokens) < self.min_restore:
+            self.evict(entry)
+        else:
+            self._park(entry)
 
     def _park(self, entry: CacheEntry) -> None:
         if entry.host is None:
@@ -214,13 +228,10 @@ class PrefixCache:
         self._free_ids.append(entry.seq_id)
 
     def evict_lru(self) -> bool:
-        """Evict one idle entry: a short one (under min_restore tokens, cheap to evaluate again)
-        if there is one, else the least recently used."""
         victims = [e for e in self.entries if e.pins == 0]
         if not victims:
             return False
-        short = [e for e in victims if len(e.tokens) < self.min_restore]
-        self.evict(min(short or victims, key=lambda e: e.last_used))
+        self.evict(min(victims, key=lambda e: e.last_used))
         return True
 
     def clear(self) -> None:

@@ -431,8 +431,10 @@ class Scheduler:
         after a shared document) gets no entry of its own (its host copy would repeat the whole
         prefix): the entry it shares follows it instead (PrefixCache.follow), so the next
         question shares what this one had in common with it. A short prompt that shares nothing
-        is kept, but only in a free cache slot, never displacing an entry: asked again (the same
-        question, a client's retry, a benchmark's loop), it is answered without evaluating anything.
+        is kept only when it ran alone, and only in a free cache slot, never displacing an entry:
+        asked again (the same question, a client's retry, a benchmark's loop), it is answered
+        without evaluating anything. (Beside other requests, short prompts are mostly distinct, and
+        keeping each one cost clients2/clients4 about 5% on the 1.1B in bench/peers.py.)
         """
         tokens = job.tokens
         own = len(tokens) - job.reused  # the cells this job evaluated itself
@@ -441,7 +443,7 @@ class Scheduler:
                 job.reserved -= own  # its own cells are the entry's now, counted by pinned_cells()
                 self._reserved -= own
             return
-        if own < self.min_cached_prompt and not self.cache.has_free_slot():
+        if own < self.min_cached_prompt and (len(self._jobs) > 1 or not self.cache.has_free_slot()):
             return
         if self.cache.holds(tokens):
             return

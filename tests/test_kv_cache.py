@@ -149,18 +149,20 @@ def test_a_short_prompt_takes_only_a_free_cache_slot(fresh):
     assert cache.entries == longs
 
 
-def test_a_long_prompt_evicts_a_short_entry_before_an_older_long_one(fresh):
-    rt = fresh(n_cache=2)
+def test_a_short_entry_is_dropped_not_parked_when_another_prompt_starts(fresh):
+    rt = fresh()
     cache = rt.scheduler.cache
     rt.generate(long_text(50), GREEDY)
     idle(rt)
     [old] = cache.entries
-    rt.generate("Once upon a time", GREEDY)  # the second slot
+    rt.generate("Once upon a time", GREEDY)  # parks the long entry, and is kept in a free slot
     idle(rt)
-    assert len(cache.entries) == 2
+    [short] = [e for e in cache.entries if e is not old]
+    parks = cache.stats["prefix_cache_parks"]
     rt.generate("Something else: " + long_text(50), GREEDY)
     idle(rt)
-    assert old in cache.entries and all(len(e.tokens) >= rt.scheduler.min_cached_prompt for e in cache.entries)
+    assert short not in cache.entries and short.host is None and cache.stats["prefix_cache_parks"] == parks
+    assert old in cache.entries and not old.resident
 
 
 def test_a_short_question_after_a_cached_document_takes_over_its_entry(fresh):
@@ -180,6 +182,45 @@ def test_a_short_question_after_a_cached_document_takes_over_its_entry(fresh):
     before = dict(rt.scheduler.stats)
     assert rt.generate(second, GREEDY).completions[0].text == text
     assert rt.scheduler.stats["prompt_tokens_evaluated"] == before["prompt_tokens_evaluated"]
+
+
+def test_a_long_entry_that_a_short_prompt_merely_begins_like_is_not_taken_over(fresh):
+    """Following would cut the entry down to the shared part plus the job's short tail: refused
+    when the entry would lose min_restore (32) tokens or more."""
+    rt = fresh()
+    cache = rt.scheduler.cache
+    rt.generate(long_text(100), GREEDY)
+    idle(rt)
+    [entry] = cache.entries
+    kept = list(entry.tokens)
+    rt.generate(long_text(45) + " Question", GREEDY)  # shares about 45 tokens, adds a few
+    idle(rt)
+    assert rt.scheduler.stats["prefix_cache_hits"] == 1  # it did use the entry
+    assert cache.entries == [entry] and entry.tokens == kept
+
+
+def test_short_prompts_beside_other_requests_are_not_kept(fresh, monkeypatch):
+    rt = fresh()
+    real, calls = rt.model.decode, []
+    inside, gate = threading.Event(), threading.Event()
+
+    def decode(entries):  # the real decode; the first one waits until the second job is queued
+        calls.append(entries)
+        if len(calls) == 1:
+            inside.set()
+            assert gate.wait(10)
+        return real(entries)
+
+    monkeypatch.setattr(rt.model, "decode", decode)
+    a = rt.submit("Once upon a time", GenerationParams(max_length=60, temperature=0.0))
+    assert inside.wait(10)
+    b = rt.submit("Hello there", GenerationParams(max_length=2, temperature=0.0))
+    gate.set()
+    a.future.result(60)
+    b.future.result(60)
+    idle(rt)
+    # "Once upon a time" ended its prompt alone: kept. "Hello there" ended its prompt beside it: not.
+    assert [e.tokens for e in rt.scheduler.cache.entries] == [rt.prompt_tokens("Once upon a time", GREEDY)]
 
 
 def test_an_entry_that_another_running_job_shares_does_not_follow_either(fresh, monkeypatch):
