@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
+from holds import hold_first_decode
 from prompts import GREEDY, long_text
 from runtime import GenerationParams, load
 from runtime.errors import InvalidParameter
@@ -201,17 +201,7 @@ def test_a_long_entry_that_a_short_prompt_merely_begins_like_is_not_taken_over(f
 
 def test_short_prompts_beside_other_requests_are_not_kept(fresh, monkeypatch):
     rt = fresh()
-    real, calls = rt.model.decode, []
-    inside, gate = threading.Event(), threading.Event()
-
-    def decode(entries):  # the real decode; the first one waits until the second job is queued
-        calls.append(entries)
-        if len(calls) == 1:
-            inside.set()
-            assert gate.wait(10)
-        return real(entries)
-
-    monkeypatch.setattr(rt.model, "decode", decode)
+    _batches, inside, gate = hold_first_decode(rt, monkeypatch)  # until the second job is queued
     a = rt.submit("Once upon a time", GenerationParams(max_length=60, temperature=0.0))
     assert inside.wait(10)
     b = rt.submit("Hello there", GenerationParams(max_length=2, temperature=0.0))
@@ -230,17 +220,7 @@ def test_an_entry_that_another_running_job_shares_does_not_follow_either(fresh, 
     rt.generate(doc + " First question", GREEDY)
     idle(rt)
     [entry] = cache.entries
-    real, calls = rt.model.decode, []
-    inside, gate = threading.Event(), threading.Event()
-
-    def decode(entries):  # the real decode; the first one waits until the second job is queued
-        calls.append(entries)
-        if len(calls) == 1:
-            inside.set()
-            assert gate.wait(10)
-        return real(entries)
-
-    monkeypatch.setattr(rt.model, "decode", decode)
+    _batches, inside, gate = hold_first_decode(rt, monkeypatch)  # until the second job is queued
     a = rt.submit(doc + " Question A", GenerationParams(max_length=60, temperature=0.0))
     assert inside.wait(10)
     b = rt.submit(doc + " Question B", GREEDY)

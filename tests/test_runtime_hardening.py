@@ -10,6 +10,7 @@ from concurrent.futures import wait
 
 import pytest
 
+from holds import hold_first_decode
 from prompts import GREEDY, long_text
 from runtime import GenerationParams
 from runtime.errors import KVCacheFull, LoadStopped, QueueFull, ShuttingDown, WorkerDied
@@ -222,17 +223,7 @@ def test_short_prompts_that_arrive_together_start_in_one_decode(fresh, monkeypat
     batch-invariant, and the tiny model's near-ties flip.)"""
     rt = fresh(n_cache=0, prefill_chunk=200)  # room for all three (about 40 tokens each on the tiny model)
     prompts = [f"Story {i}: once upon a time" for i in range(3)]
-    real, batches = rt.model.decode, []
-    inside, gate = threading.Event(), threading.Event()
-
-    def decode(entries):  # the real decode; the first one waits until the burst is queued
-        batches.append(entries)
-        if len(batches) == 1:
-            inside.set()
-            assert gate.wait(10)
-        return real(entries)
-
-    monkeypatch.setattr(rt.model, "decode", decode)
+    batches, inside, gate = hold_first_decode(rt, monkeypatch)  # until the burst is queued
     first = rt.submit("Hello", GenerationParams(max_length=40, temperature=0.0))
     assert inside.wait(10)
     jobs = [rt.submit(p, GREEDY) for p in prompts]
