@@ -148,23 +148,25 @@ class PrefixCache:
         entry.last_used = time.monotonic()
         return True
 
-    def add(self, tokens: list[int], src_seq: int, logits: bytes | None = None) -> CacheEntry | None:
+    def add(self, tokens: list[int], src_seq: int, logits_index: int) -> CacheEntry | None:
         """Remember the first len(tokens) cells of src_seq (a finished prompt) as a new entry,
-        pinned once (by the job that evaluated it), with the logits of its last token if given.
-        None if no room can be made."""
+        pinned once (by the job that evaluated it), with its last token's logits (row logits_index
+        of the decode that just ended). None if no room can be made."""
         if len(tokens) > self.max_tokens:
             return None
         while not self._free_ids or self._tokens() + len(tokens) > self.max_tokens:
             if not self.evict_lru():
                 return None
-        entry = CacheEntry(self._free_ids.pop(), list(tokens), time.monotonic(), pins=1, logits=logits)
+        entry = CacheEntry(self._free_ids.pop(), list(tokens), time.monotonic(), pins=1,
+                           logits=self.model.logits_row(logits_index))
         self.model.seq_copy(src_seq, entry.seq_id, 0, len(tokens))
         self.entries.append(entry)
         return entry
 
-    def follow(self, entry: CacheEntry, tokens: list[int], src_seq: int, shared: int, logits: bytes) -> bool:
+    def follow(self, entry: CacheEntry, tokens: list[int], src_seq: int, shared: int, logits_index: int) -> bool:
         """Make `entry`, whose first `shared` cells a job shares, hold that job's prompt instead: its
-        cells past `shared` are dropped and the job's own (from src_seq) take their place. For a job
+        cells past `shared` are dropped and the job's own (from src_seq) take their place, with its
+        last token's logits (row logits_index of the decode that just ended). For a job
         that adds a short tail (a question after a cached document): the entry follows the latest
         prompt, as llama-server's slot keeps its last one, with no second copy of the prefix. Not
         while another job shares the entry (its cells are in use), not when the entry would lose
@@ -178,7 +180,8 @@ class PrefixCache:
             return False
         self.model.seq_remove(entry.seq_id, shared, -1)
         self.model.seq_copy(src_seq, entry.seq_id, shared, len(tokens))
-        entry.tokens, entry.logits, entry.host = list(tokens), logits, None  # the old host copy is stale
+        entry.tokens, entry.host = list(tokens), None  # the old host copy is stale
+        entry.logits = self.model.logits_row(logits_index)
         entry.last_used = time.monotonic()
         return True
 

@@ -439,7 +439,7 @@ class Scheduler:
         tokens = job.tokens
         own = len(tokens) - job.reused  # the cells this job evaluated itself
         if own < self.min_cached_prompt and job.reused:
-            if self.cache.follow(job.pinned[0], tokens, s0, job.reused, self.model.logits_row(logits_index)):
+            if self.cache.follow(job.pinned[0], tokens, s0, job.reused, logits_index):
                 job.reserved -= own  # its own cells are the entry's now, counted by pinned_cells()
                 self._reserved -= own
             return
@@ -449,7 +449,7 @@ class Scheduler:
             return
         if self._reserved - own + self.cache.pinned_cells() + len(tokens) > self.model.n_ctx:
             return
-        entry = self.cache.add(tokens, s0, self.model.logits_row(logits_index))
+        entry = self.cache.add(tokens, s0, logits_index)
         if entry is None:
             return
         job.pinned.append(entry)

@@ -29,6 +29,14 @@ def idle(rt) -> None:
     assert not rt.scheduler._jobs
 
 
+def the_entry_of(rt, prompt: str):
+    """Serve `prompt` (greedy) on a runtime with nothing cached; the one cache entry it leaves."""
+    rt.generate(prompt, GREEDY)
+    idle(rt)
+    [entry] = rt.scheduler.cache.entries
+    return entry
+
+
 def kv_is_empty(rt) -> bool:
     """No sequence holds a cell: llama.cpp's highest used cell, which sets how many cells every
     decode step attends over, is then 0."""
@@ -152,9 +160,7 @@ def test_a_short_prompt_takes_only_a_free_cache_slot(fresh):
 def test_a_short_entry_is_dropped_not_parked_when_another_prompt_starts(fresh):
     rt = fresh()
     cache = rt.scheduler.cache
-    rt.generate(long_text(50), GREEDY)
-    idle(rt)
-    [old] = cache.entries
+    old = the_entry_of(rt, long_text(50))
     rt.generate("Once upon a time", GREEDY)  # parks the long entry, and is kept in a free slot
     idle(rt)
     [short] = [e for e in cache.entries if e is not old]
@@ -171,9 +177,7 @@ def test_a_short_question_after_a_cached_document_takes_over_its_entry(fresh):
     rt = fresh()
     cache = rt.scheduler.cache
     doc = long_text(60)
-    rt.generate(doc + " First question", GREEDY)
-    idle(rt)
-    [entry] = cache.entries
+    entry = the_entry_of(rt, doc + " First question")
     second = doc + " Second one"
     text = rt.generate(second, GREEDY).completions[0].text
     idle(rt)
@@ -189,9 +193,7 @@ def test_a_long_entry_that_a_short_prompt_merely_begins_like_is_not_taken_over(f
     when the entry would lose min_restore (32) tokens or more."""
     rt = fresh()
     cache = rt.scheduler.cache
-    rt.generate(long_text(100), GREEDY)
-    idle(rt)
-    [entry] = cache.entries
+    entry = the_entry_of(rt, long_text(100))
     kept = list(entry.tokens)
     rt.generate(long_text(45) + " Question", GREEDY)  # shares about 45 tokens, adds a few
     idle(rt)
@@ -217,9 +219,7 @@ def test_an_entry_that_another_running_job_shares_does_not_follow_either(fresh, 
     rt = fresh()
     cache = rt.scheduler.cache
     doc = long_text(60)
-    rt.generate(doc + " First question", GREEDY)
-    idle(rt)
-    [entry] = cache.entries
+    entry = the_entry_of(rt, doc + " First question")
     _batches, inside, gate = hold_first_decode(rt, monkeypatch)  # until the second job is queued
     a = rt.submit(doc + " Question A", GenerationParams(max_length=60, temperature=0.0))
     assert inside.wait(10)
@@ -264,9 +264,7 @@ def test_an_idle_prefix_of_a_longer_cached_prompt_is_dropped_not_copied_to_host(
     rt = fresh()
     cache = rt.scheduler.cache
     turn1 = long_text(60)
-    rt.generate(turn1, GREEDY)
-    idle(rt)
-    [e1] = cache.entries
+    e1 = the_entry_of(rt, turn1)
     rt.generate(turn1 + " " + long_text(40), GREEDY)  # shares turn 1's cells, adds 40+ of its own
     idle(rt)
     [e2] = [e for e in cache.entries if e is not e1]
