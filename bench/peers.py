@@ -20,7 +20,14 @@ A round restarts both servers (order rotated), then measures, each arm in rotate
     n4        one request for n=4 completions (llama-server: n_cmpl)           wall s
     prefix    a request whose 500-token prefix is cached, 1 token out         wall s
     prefix3   3 clients sharing one cached 500-token prefix                   total tok/s
-  load      process start until /health answers 200, alone (no other server running)  s
+  load      process start until /health answers 200, alone (no other server running), the
+            median of --load-starts starts per round (arms alternating)                   s
+  load_floor, load_bare  (information, not targets) the same for no server at all: a Python
+            process that imports llamabox's `runtime` (load_floor), or llama_cpp alone
+            (load_bare), loads the model and a context as `serve` does, and says so. Their
+            ratios are to llama-server's whole start (load): they split llamabox's load
+            figure into what Python and llama-cpp-python cost, what the runtime adds, and
+            what the server adds.
   memory    RSS after load (one short request served), peak RSS over the round
 Every ratio is llamabox / llama-server per round; the median and range over rounds are printed.
 Rates: higher is better (target >= 1); times (n4, prefix, load, memory): lower is better (<= 1).
@@ -206,13 +213,71 @@ def llama_cpp_python_peer(model: str, threads: int, ctx: int) -> Peer:
                 measures={"fresh_gen1", "fresh_clients4", "gen1", "clients4"})
 
 
+# The floors under llamabox's load figure, each a `python -c` started from the checkout's root as
+# `serve` is, timed until it prints "ready". Both read the weights into memory (no mmap) on the CPU
+# and make a context as `serve` does; neither has a store, a memory estimate or an HTTP server.
+FLOOR_SCRIPTS = {
+    # llamabox's runtime: its imports, the load, the chat template, the scheduler's thread
+    "load_floor": """
+import sys
+from runtime import load
+model, ctx, threads, parallel, kv_type = sys.argv[1:]
+rt = load(model, n_ctx=int(ctx), n_threads=int(threads), n_gpu_layers=0, n_parallel=int(parallel), kv_type=kv_type)
+print("ready", flush=True)
+sys.stdin.read()  # until the bench closes our stdin
+rt.close()
+""",
+    # llama-cpp-python alone, as bench/run.py's raw arm uses it: the interpreter, `import llama_cpp`
+    # (numpy, jinja2 and its ctypes bindings), llama.cpp's load and a context of the same shape
+    # (serve's: --parallel slots + 4 prefix-cache sequences, one unified cache, batch 512)
+    "load_bare": """
+import sys
+import llama_cpp as lc
+from runtime.kv_types import KV_CACHE_TYPES, UNQUANTIZED  # names -> ggml type ids, no llama_cpp inside
+model, ctx, threads, parallel, kv_type = sys.argv[1:]
+quiet = lc.llama_log_callback(lambda level, text, user_data: None)
+lc.llama_log_set(quiet, None)
+mp = lc.llama_model_default_params()
+mp.n_gpu_layers, mp.load_mode = 0, lc.LLAMA_LOAD_MODE_NONE
+m = lc.llama_model_load_from_file(model.encode(), mp)
+cp = lc.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = int(ctx), 512, 512, int(parallel) + 4, True
+cp.n_threads = cp.n_threads_batch = int(threads)
+cp.type_k = cp.type_v = KV_CACHE_TYPES[kv_type]
+if kv_type not in UNQUANTIZED:
+    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+c = lc.llama_init_from_model(m, cp) if m else None
+if c:
+    print("ready", flush=True)
+    sys.stdin.read()
+""",
+}
+
+
+def load_floor(which: str, model: str, threads: int, ctx: int, parallel: int, kv_type: str | None) -> float:
+    """Seconds from process start until FLOOR_SCRIPTS[which] has loaded the model."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", FLOOR_SCRIPTS[which], model, str(ctx), str(threads), str(parallel), kv_type or "f16"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    line = p.stdout.readline()
+    dt = time.perf_counter() - t
+    p.stdin.close()
+    if p.wait(60) != 0 or line.strip() != b"ready":
+        raise SystemExit(f"the {which} process failed (exit {p.returncode}): run bench/peers.py's FLOOR_SCRIPTS[{which!r}] "
+                         "with python -c to see why")
+    return dt
+
+
 def text_of(n_words: int, salt: str) -> str:
     return salt + " " + " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
 
 
 class Bench:
-    def __init__(self, peers: list[Peer], n_gen: int, per_client: int, long_words: int, only: set[str] | None = None):
+    def __init__(self, peers: list[Peer], n_gen: int, per_client: int, long_words: int, only: set[str] | None = None,
+                 load_starts: int = 3, floor=None):
         self.peers = peers
+        self.load_starts = load_starts        # starts per server per round for the load measure (median)
+        self.floor = floor                    # (name in FLOOR_SCRIPTS) -> seconds for this model, or None
         self.only = only                      # measures to run (None: all); load and memory always
         self.n_gen = n_gen
         self.per_client = per_client
@@ -295,10 +360,22 @@ class Bench:
         self._sessions.clear()
         # Load time with no other server alive (a second loader is slowed by the first's memory,
         # which made this figure depend on the start order); then all start again for the rest.
-        out["load"] = {}
-        for p in order:
-            out["load"][p.name] = {"value": p.start(), "tokens": 0, "prompt_tokens": 0}
-            p.stop()
+        # Several starts each, alternating, and their median: one start per round swung by ±30%.
+        starts: dict[str, list[float]] = {p.name: [] for p in order}
+        floors: dict[str, list[float]] = {name: [] for name in FLOOR_SCRIPTS} if self.floor is not None else {}
+        for i in range(self.load_starts):
+            arms = [(p.name, p) for p in order] + [(name, None) for name in floors]
+            for name, p in (arms if i % 2 == 0 else arms[::-1]):
+                if p is None:
+                    floors[name].append(self.floor(name))
+                else:
+                    starts[name].append(p.start())
+                    p.stop()
+        out["load"] = {name: {"value": statistics.median(v), "starts": v, "tokens": 0, "prompt_tokens": 0}
+                       for name, v in starts.items()}
+        for name, v in floors.items():  # as "llamabox" against llama-server's whole start, for the ratio
+            out[name] = {"llamabox": {"value": statistics.median(v), "starts": v, "tokens": 0, "prompt_tokens": 0},
+                         "llama-server": out["load"]["llama-server"]}
         for p in order:
             p.start()
         for p in order:  # one short request, so each has run its first decode
@@ -327,7 +404,8 @@ class Bench:
         return out
 
 
-LOWER_IS_BETTER = {"n4", "prefix", "load", "rss_after_load", "peak_rss"}
+LOWER_IS_BETTER = {"n4", "prefix", "load", "load_floor", "load_bare", "rss_after_load", "peak_rss"}
+INFORMATION = {"load_floor", "load_bare"}  # printed with its ratio, not judged against a target
 
 
 def summarize(rounds: list[dict], a: str, b: str) -> dict:
@@ -370,6 +448,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", help="comma-separated measures to run (default all), e.g. fresh_gen1,gen1,clients4,prefix")
     ap.add_argument("--tag", default="", help="suffix for the JSON file name")
+    ap.add_argument("--load-starts", type=int, default=3, help="starts per server per round for the load measure (default 3)")
     ap.add_argument("--python-server", action="store_true",
                     help="also run llama-cpp-python's own server (1-client and 4-client measures); its dependencies "
                          "are installed into bench/scratch/lcp-server-deps on first use")
@@ -392,7 +471,9 @@ def main() -> int:
     try:
         peers[1].start()
         long_words = long_prompt_words(peers[1])
-        bench = Bench(peers, n_gen, per_client, long_words, set(args.only.split(",")) if args.only else None)
+        floor = lambda which: load_floor(which, model, args.threads, args.ctx, args.parallel, args.kv_type)  # noqa: E731
+        bench = Bench(peers, n_gen, per_client, long_words, set(args.only.split(",")) if args.only else None,
+                      max(1, args.load_starts), floor)
         print(f"{Path(model).name}: {args.threads} threads, ctx {args.ctx}, parallel {args.parallel}, {rounds} rounds, "
               f"{n_gen} tokens per request, KV {args.kv_type or 'f16'}; load {os.getloadavg()[0]:.2f}", flush=True)
         for r in range(rounds):
@@ -411,9 +492,10 @@ def main() -> int:
         for m, s in summary[f"{a} / {b}"].items():
             target = "<= 1" if s["lower_is_better"] else ">= 1"
             met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
+            verdict = "information" if m in INFORMATION else f"{target} {'met' if met else 'MISSED'}"
             warn = f"  token counts differ in rounds {[x[0] for x in s['token_mismatches']]}" if s["token_mismatches"] else ""
             print(f"  {m:16} {s[a]:16.2f} {s[b]:16.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-                  f"  {target} {'met' if met else 'MISSED'}{warn}")
+                  f"  {verdict}{warn}")
     dest = ROOT / "bench" / "out"
     dest.mkdir(exist_ok=True)
     name = f"peers-{Path(model).stem}" + (f"-{args.kv_type}" if args.kv_type else "") + (f"-{args.tag}" if args.tag else "")
