@@ -11,13 +11,14 @@ attention on llama.cpp's default (auto); both are driven through the same OpenAI
 /v1/completions requests with greedy sampling.
 
 A round restarts both servers (order rotated), then measures, each arm in rotated order:
-  fresh:  right after the start, nothing long in either server's cache
+  fresh:  right after the start, nothing long in either server's cache (fresh_<measure>)
     gen1      1 client, N_GEN tokens from a short prompt                      tok/s
-    clients4  4 clients at once, each its own short prompt                    total tok/s
-  steady: after two 499-token prompts have been served (they sit in the prompt caches)
-    gen1, clients1/2/4/8 as above
-    pp        a 499-token prompt that shares only BOS with anything cached    prompt tok/s
+    clientsK  K = 1, 2, 4, 8 clients at once, each its own short prompts       total tok/s
     n4        one request for n=4 completions (llama-server: n_cmpl)           wall s
+    pp        a 499-token prompt that shares only BOS with anything cached    prompt tok/s
+              (last of the fresh ones: it leaves a long prompt cached)
+  steady: after two 499-token prompts have been served (they sit in the prompt caches)
+    gen1, clients1/2/4/8, pp, n4 as above, then
     prefix    a request whose 500-token prefix is cached, 1 token out         wall s
     prefix3   3 clients sharing one cached 500-token prefix                   total tok/s
   load      process start until /health answers 200, alone (no other server running), the
@@ -391,7 +392,10 @@ class Bench:
 
         short = lambda i, j: f"Story {i} {j}: once upon a time"  # noqa: E731
         measure("fresh_gen1", self.gen1)
-        measure("fresh_clients4", lambda p: self.clients(p, 4, short))
+        for k in (1, 2, 4, 8):
+            measure(f"fresh_clients{k}", lambda p, k=k: self.clients(p, k, short))
+        measure("fresh_n4", self.n4)
+        measure("fresh_pp", self.pp)  # last: it leaves a long prompt in the cache
         for k in range(2):  # steady state: two long prompts now sit in each server's prompt cache
             self._salt += 1
             for p in order:
@@ -411,7 +415,7 @@ class Bench:
         return out
 
 
-LOWER_IS_BETTER = {"n4", "prefix", "load", "load_floor", "load_bare", "rss_after_load", "peak_rss"}
+LOWER_IS_BETTER = {"n4", "fresh_n4", "prefix", "load", "load_floor", "load_bare", "rss_after_load", "peak_rss"}
 INFORMATION = {"load_floor", "load_bare"}  # printed with its ratio, not judged against a target
 
 
