@@ -153,12 +153,6 @@ class Peer:
     def peak_rss_mib(self) -> float:
         return proc_status_kib(self.proc.pid, "VmHWM") / 1024
 
-    def cpu_s(self) -> float:
-        """CPU seconds the process has used so far, all its threads, user + system (proc(5):
-        /proc/PID/stat fields 14 and 15, in clock ticks; after the command's parentheses)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def complete(self, session: requests.Session, prompt: str, max_tokens: int, n: int = 1) -> Reply:
         body = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "n": n, **self.extra_body}
         t = time.perf_counter()
@@ -359,9 +353,8 @@ class Bench:
                 if p.measures is not None and name not in p.measures:
                     continue
                 time.sleep(0.3)  # let the other server's OpenMP threads stop spinning
-                cpu = p.cpu_s()
                 v, toks, ptoks = fn(p)
-                out[name][p.name] = {"value": v, "tokens": toks, "prompt_tokens": ptoks, "cpu_s": p.cpu_s() - cpu}
+                out[name][p.name] = {"value": v, "tokens": toks, "prompt_tokens": ptoks}
 
         for p in self.peers:
             p.stop()
@@ -431,12 +424,6 @@ def summarize(rounds: list[dict], a: str, b: str) -> dict:
         out[m] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "ratios": ratios,
                   a: statistics.median(rd[m][a]["value"] for rd in both), b: statistics.median(rd[m][b]["value"] for rd in both),
                   "lower_is_better": m in LOWER_IS_BETTER, "token_mismatches": mismatched}
-        # CPU each server spent per token it generated (both cores' worth), as a ratio: above 1,
-        # llamabox did more work for its tokens; near 1 with a rate below 1, it left cores idle.
-        cpu = [(rd[m][a]["cpu_s"] / max(1, rd[m][a]["tokens"])) / (rd[m][b]["cpu_s"] / max(1, rd[m][b]["tokens"]))
-               for rd in both if rd[m][a].get("cpu_s") and rd[m][b].get("cpu_s")]
-        if cpu:
-            out[m]["cpu_per_token_ratio"] = statistics.median(cpu)
     return out
 
 
@@ -505,15 +492,14 @@ def main() -> int:
         pairs = [x for x in pairs if x[0] != "llama-cpp-python"] + [("llamabox", "llama-cpp-python")]
     summary = {f"{a} / {b}": summarize(bench.rounds, a, b) for a, b in pairs}
     for a, b in pairs:
-        print(f"\n  {'measure':16} {a:>16} {b:>16}   {a} / {b}: median [range]  target  (CPU per token, {a} / {b})")
+        print(f"\n  {'measure':16} {a:>16} {b:>16}   {a} / {b}: median [range]  target")
         for m, s in summary[f"{a} / {b}"].items():
             target = "<= 1" if s["lower_is_better"] else ">= 1"
             met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
             verdict = "information" if m in INFORMATION else f"{target} {'met' if met else 'MISSED'}"
             warn = f"  token counts differ in rounds {[x[0] for x in s['token_mismatches']]}" if s["token_mismatches"] else ""
-            cpu = f"  (cpu {s['cpu_per_token_ratio']:.3f})" if "cpu_per_token_ratio" in s else ""
             print(f"  {m:16} {s[a]:16.2f} {s[b]:16.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-                  f"  {verdict}{cpu}{warn}")
+                  f"  {verdict}{warn}")
     dest = ROOT / "bench" / "out"
     dest.mkdir(exist_ok=True)
     name = f"peers-{Path(model).stem}" + (f"-{args.kv_type}" if args.kv_type else "") + (f"-{args.tag}" if args.tag else "")
