@@ -22,9 +22,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk; about two hours on 2 cores:
+# Llama 2 7B shapes, random weights, Q4_K_M (needs ~34 GB free disk; about four hours on 2 cores:
 # ~14 min to make, convert and quantize the checkpoint, ~40 min of measuring, then bench/peers.py,
-# llamabox against llama.cpp's llama-server built from the pinned sdist, on SmolLM2, 1.1B and 7B).
+# llamabox against llama.cpp's llama-server built from the pinned sdist, every measure fresh and
+# steady: ~25 min on SmolLM2, ~75 min on the 1.1B (5 rounds of ~15 min), ~100 min on the 7B).
 bench: $(STAMP) $(SMOL)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
