@@ -42,6 +42,10 @@ time) to the 1- and 4-client measures (and to load and memory), and prints llama
 4 clients). Its dependencies are pip-installed once into bench/scratch/lcp-server-deps, apart from
 the project's venv; it runs the venv's llama_cpp, so all three servers run the same llama.cpp.
 
+--twin adds a second llama-server, started and measured exactly as the first: its ratios to the
+first are the noise floor of every measure on this machine (the VM's drift, and where each process's
+memory landed), printed beside llamabox's ratios so that a miss can be read against it.
+
 Writes bench/out/peers-<model>[-<kv type>].json.
 """
 from __future__ import annotations
@@ -182,14 +186,15 @@ def llamabox_peer(model: str, threads: int, ctx: int, parallel: int, kv_type: st
     return Peer(name, argv, "--port", cwd=root)
 
 
-def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel: int, kv_type: str | None) -> Peer:
+def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel: int, kv_type: str | None,
+                      name: str = "llama-server") -> Peer:
     # -np N with --kv-unified: one pool of ctx cells for all slots, as llamabox has (llama-server's
     # own default, -np auto, is 4 slots with a unified cache). --load-mode none: read, not mapped, as llamabox.
     argv = [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", str(parallel),
             "--kv-unified", "--load-mode", "none", "-fa", "auto", "--host", "127.0.0.1", "--no-webui", "-ngl", "0"]
     if kv_type:
         argv += ["-ctk", kv_type, "-ctv", kv_type]
-    return Peer("llama-server", argv, "--port", extra_body={"ignore_eos": True}, usage_is_per_choice=True)
+    return Peer(name, argv, "--port", extra_body={"ignore_eos": True}, usage_is_per_choice=True)
 
 
 # llama-cpp-python's own OpenAI server (python -m llama_cpp.server), for "≥ 2.5x at 4 clients".
@@ -456,6 +461,9 @@ def main() -> int:
     ap.add_argument("--python-server", action="store_true",
                     help="also run llama-cpp-python's own server (1-client and 4-client measures); its dependencies "
                          "are installed into bench/scratch/lcp-server-deps on first use")
+    ap.add_argument("--twin", action="store_true",
+                    help="also run a second llama-server, 'llama-server-2', as an arm: its ratios to llama-server (same binary, "
+                         "same settings) are this machine's noise floor for each measure")
     ap.add_argument("--baseline", type=Path, help="another llamabox checkout (git worktree) to run as a third arm, "
                                                   "'llamabox-base', e.g. the commit before a change")
     args = ap.parse_args()
@@ -470,6 +478,8 @@ def main() -> int:
     if args.baseline:
         peers.append(llamabox_peer(model, args.threads, args.ctx, args.parallel, args.kv_type, args.baseline.resolve(),
                                    "llamabox-base"))
+    if args.twin:
+        peers.append(llama_server_peer(binary, model, args.threads, args.ctx, args.parallel, args.kv_type, "llama-server-2"))
     if args.python_server:
         peers.append(llama_cpp_python_peer(model, args.threads, args.ctx))
     try:
@@ -496,7 +506,10 @@ def main() -> int:
         for m, s in summary[f"{a} / {b}"].items():
             target = "<= 1" if s["lower_is_better"] else ">= 1"
             met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
-            verdict = "information" if m in INFORMATION else f"{target} {'met' if met else 'MISSED'}"
+            if a == "llama-server-2":  # the same server twice: no target, only the spread
+                verdict = "noise floor"
+            else:
+                verdict = "information" if m in INFORMATION else f"{target} {'met' if met else 'MISSED'}"
             warn = f"  token counts differ in rounds {[x[0] for x in s['token_mismatches']]}" if s["token_mismatches"] else ""
             print(f"  {m:16} {s[a]:16.2f} {s[b]:16.2f}   {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
                   f"  {verdict}{warn}")
@@ -506,7 +519,7 @@ def main() -> int:
     (dest / f"{name}.json").write_text(json.dumps({
         "model": model, "threads": args.threads, "ctx": args.ctx, "parallel": args.parallel, "rounds": rounds, "n_gen": n_gen,
         "per_client": per_client, "kv_type": args.kv_type or "f16", "long_prompt_words": long_words,
-        "llama_server": str(binary), "baseline": str(args.baseline) if args.baseline else None, "summary": summary,
+        "llama_server": str(binary), "baseline": str(args.baseline) if args.baseline else None, "twin": args.twin, "summary": summary,
         "raw": bench.rounds}, indent=2))
     print(f"wrote {dest / (name + '.json')}")
     return 0

@@ -1,0 +1,163 @@
+"""Where a generated token's CPU time goes, llamabox against llama-server: perf samples per token.
+
+    python bench/perf_split.py --model bench/scratch/SmolLM2-135M-Instruct.Q4_1.gguf --reps 6 --twin
+
+bench/peers.py says how fast each server is; this says why they differ, from a profile. Both
+servers start as bench/peers.py starts them (same GGUF, threads, context, read mode) and serve two
+~499-token prompts, so both are in peers' steady state. Then they take turns, in rotated order,
+each generating 128-token completions from a short prompt (greedy, one client) for --window
+seconds while `perf record` samples that process alone (cpu-clock at --freq Hz, every thread).
+Each window's samples are split by the shared object they fall in, divided by the tokens made:
+  ggml     libggml-cpu: llama.cpp's kernels. Both servers run the same code (one sdist, the same
+           functions at the same offsets), so more samples per token here means the same work ran
+           slower in that process, not that it did more work.
+  openmp   libgomp: the thread team's barriers, and its threads spinning between kernels.
+  python   the interpreter, ctypes and libffi: llamabox's own per-step work (sampling, the
+           scheduler, detokenising, HTTP). llama-server has none.
+  other    the rest: the kernel, libc, libm, libllama, libggml-base, the C++ server.
+--twin adds a second llama-server, 'llama-server-2', the noise floor: the same binary twice.
+Prints per-arm medians, and each window's tok/s ratio to llama-server's window in the same rep.
+Needs perf (Debian: linux-perf) and the right to attach to a process (root, or
+kernel.perf_event_paranoid <= 1); without them it says so and exits 0, as make bench goes on.
+Writes bench/out/perf-split-<model>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.llama_server_build import build as build_llama_server  # noqa: E402
+from bench.peers import Peer, llama_server_peer, llamabox_peer, long_prompt_words, text_of  # noqa: E402
+
+GROUPS = ("ggml", "openmp", "python", "other")
+PROMPT, N_GEN = "Once upon a time", 128
+
+
+def group_of(dso: str) -> str:
+    if dso.startswith("libggml-cpu"):
+        return "ggml"
+    if dso.startswith("libgomp"):
+        return "openmp"
+    if dso.startswith(("libpython", "python", "_ctypes", "libffi")):
+        return "python"
+    return "other"
+
+
+def samples_by_group(data: Path) -> dict[str, int]:
+    """perf report's sample count per shared object, summed into GROUPS."""
+    out = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio", "-g", "none",
+                          "-F", "sample,dso"], capture_output=True, text=True, check=True).stdout
+    counts = dict.fromkeys(GROUPS, 0)
+    for line in out.splitlines():
+        m = re.match(r"\s+(\d+)\s+(\S+)", line)  # "   12345  libggml-cpu.so.0"
+        if m:
+            counts[group_of(m.group(2))] += int(m.group(1))
+    return counts
+
+
+def window(p: Peer, s: requests.Session, seconds: float, freq: int, data: Path) -> dict:
+    """Generate for `seconds` under perf; tok/s and samples per generated token by group."""
+    rec = subprocess.Popen(["perf", "record", "-q", "-F", str(freq), "-p", str(p.proc.pid), "-o", str(data)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # perf attaches to every thread before the first request
+    t, tokens = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        tokens += p.complete(s, PROMPT, N_GEN).completion_tokens
+    wall = time.perf_counter() - t
+    rec.send_signal(signal.SIGINT)  # perf writes its file, then exits by re-raising the signal
+    if rec.wait(60) not in (0, -signal.SIGINT):
+        raise SystemExit(f"perf record exited with {rec.returncode} while sampling {p.name}")
+    counts = samples_by_group(data)
+    return {"tok_s": tokens / wall, "tokens": tokens, **{g: counts[g] / tokens for g in GROUPS},
+            "all": sum(counts.values()) / tokens}
+
+
+def perf_usable() -> str | None:
+    """Why perf cannot sample another process here, or None."""
+    if shutil.which("perf") is None:
+        return "perf is not installed (Debian: apt-get install linux-perf)"
+    r = subprocess.run(["perf", "record", "-q", "-o", os.devnull, "--", "true"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"perf cannot record here: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}"
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="GGUF path")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=6, help="windows per server (default 6)")
+    ap.add_argument("--window", type=float, default=8.0, help="seconds of generation per window (default 8)")
+    ap.add_argument("--freq", type=int, default=999, help="perf samples per second per thread (default 999)")
+    ap.add_argument("--twin", action="store_true", help="also a second llama-server, the noise floor")
+    args = ap.parse_args()
+    why = perf_usable()
+    if why:
+        print(f"bench/perf_split.py skipped: {why}")
+        return 0
+    model = str(Path(args.model).resolve())
+    binary = build_llama_server()
+    shape = (model, args.threads, args.ctx, args.parallel, None)
+    peers = [llamabox_peer(*shape), llama_server_peer(binary, *shape)]
+    if args.twin:
+        peers.append(llama_server_peer(binary, *shape, name="llama-server-2"))
+    windows: dict[str, list[dict]] = {p.name: [] for p in peers}
+    try:
+        for p in peers:
+            p.start()
+        words = long_prompt_words(peers[1])
+        sessions = {p.name: requests.Session() for p in peers}
+        for p in peers:  # steady state, as bench/peers.py's: two long prompts cached, one generation done
+            for i in range(2):
+                p.complete(sessions[p.name], text_of(words, f"Note {i}:"), 1)
+            p.complete(sessions[p.name], PROMPT, N_GEN)
+        print(f"{Path(model).name}: {args.threads} threads, {args.reps} windows of {args.window:.0f} s per server, "
+              f"perf at {args.freq} Hz; load average {os.getloadavg()[0]:.2f}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="llamabox-perf-") as tmp:
+            for r in range(args.reps):
+                for p in peers[r % len(peers):] + peers[: r % len(peers)]:
+                    time.sleep(0.3)  # the previous server's OpenMP threads stop spinning
+                    w = window(p, sessions[p.name], args.window, args.freq, Path(tmp) / "perf.data")
+                    windows[p.name].append(w)
+                    print(f"  {r + 1}  {p.name:15} {w['tok_s']:7.1f} tok/s   samples per token: "
+                          + "  ".join(f"{g} {w[g]:5.2f}" for g in GROUPS), flush=True)
+    finally:
+        for p in peers:
+            p.stop()
+    print(f"\n  {'median':15} {'tok/s':>7}  " + "".join(f"{g:>8}" for g in GROUPS) + f"{'all':>8}   tok/s / llama-server per rep")
+    summary = {}
+    base = windows["llama-server"]
+    for name, ws in windows.items():
+        med = {k: statistics.median(w[k] for w in ws) for k in ("tok_s", *GROUPS, "all")}
+        ratios = [w["tok_s"] / b["tok_s"] for w, b in zip(ws, base)]
+        summary[name] = {**med, "ratios": ratios}
+        print(f"  {name:15} {med['tok_s']:7.1f}  " + "".join(f"{med[g]:8.2f}" for g in GROUPS) + f"{med['all']:8.2f}   "
+              + (" ".join(f"{x:.3f}" for x in ratios) if name != "llama-server" else ""))
+    dest = ROOT / "bench" / "out"
+    dest.mkdir(exist_ok=True)
+    path = dest / f"perf-split-{Path(model).stem}.json"
+    path.write_text(json.dumps({"model": model, "threads": args.threads, "window_s": args.window, "freq": args.freq,
+                                "summary": summary, "windows": windows}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
