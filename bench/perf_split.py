@@ -5,21 +5,22 @@
 bench/peers.py says how fast each server is; this says why they differ, from a profile. Both
 servers start as bench/peers.py starts them (same GGUF, threads, context, read mode) and serve two
 ~499-token prompts, so both are in peers' steady state. Then they take turns, in rotated order,
-each generating 128-token completions from a short prompt (greedy, one client) for --window
-seconds while `perf record` samples that process alone (cpu-clock at --freq Hz, every thread).
-Each window's samples are split by the shared object they fall in, divided by the tokens made:
+each generating 128-token completions from short prompts (greedy; --clients at once, default
+one) for --window seconds, while `perf record` samples that process alone (cpu-clock at --freq
+Hz, every thread). Each window's samples are split by the shared object they fall in, and
+divided by the tokens made (at 999 Hz a sample is about 1 ms of CPU):
   ggml     libggml-cpu: llama.cpp's kernels. Both servers run the same code (one sdist, the same
            functions at the same offsets), so more samples per token here means the same work ran
            slower in that process, not that it did more work.
   openmp   libgomp: the thread team's barriers, and its threads spinning between kernels.
-  python   the interpreter, ctypes and libffi: llamabox's own per-step work (sampling, the
-           scheduler, detokenising, HTTP). llama-server has none.
+  python   the interpreter, ctypes and libffi: llamabox's own per-step work (the scheduler, its
+           calls into llama.cpp, detokenising, HTTP). llama-server has none.
   other    the rest: the kernel, libc, libm, libllama, libggml-base, the C++ server.
 --twin adds a second llama-server, 'llama-server-2', the noise floor: the same binary twice.
 Prints per-arm medians, and each window's tok/s ratio to llama-server's window in the same rep.
 Needs perf (Debian: linux-perf) and the right to attach to a process (root, or
 kernel.perf_event_paranoid <= 1); without them it says so and exits 0, as make bench goes on.
-Writes bench/out/perf-split-<model>.json.
+Writes bench/out/perf-split-<model>[-c<clients>].json.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,21 +72,33 @@ def samples_by_group(data: Path) -> dict[str, int]:
     return counts
 
 
-def window(p: Peer, s: requests.Session, seconds: float, freq: int, data: Path) -> dict:
-    """Generate for `seconds` under perf; tok/s and samples per generated token by group."""
+def window(p: Peer, clients: int, seconds: float, freq: int, data: Path) -> dict:
+    """`clients` clients generate for `seconds` under perf (requests in flight then run to their
+    end, still sampled); tok/s and samples per generated token by group."""
     rec = subprocess.Popen(["perf", "record", "-q", "-F", str(freq), "-p", str(p.proc.pid), "-o", str(data)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)  # perf attaches to every thread before the first request
-    t, tokens = time.perf_counter(), 0
-    while time.perf_counter() - t < seconds:
-        tokens += p.complete(s, PROMPT, N_GEN).completion_tokens
+    tokens = [0] * clients
+    t = time.perf_counter()
+
+    def client(i: int) -> None:
+        s, j = requests.Session(), 0
+        while time.perf_counter() - t < seconds:
+            # one client: always the same short prompt (peers' gen1); several: each its own, as peers' clientsK
+            prompt = PROMPT if clients == 1 else f"Story {i} {j}: {PROMPT.lower()}"
+            tokens[i] += p.complete(s, prompt, N_GEN).completion_tokens
+            j += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    [x.start() for x in threads]
+    [x.join() for x in threads]
     wall = time.perf_counter() - t
     rec.send_signal(signal.SIGINT)  # perf writes its file, then exits by re-raising the signal
     if rec.wait(60) not in (0, -signal.SIGINT):
         raise SystemExit(f"perf record exited with {rec.returncode} while sampling {p.name}")
     counts = samples_by_group(data)
-    return {"tok_s": tokens / wall, "tokens": tokens, **{g: counts[g] / tokens for g in GROUPS},
-            "all": sum(counts.values()) / tokens}
+    n = sum(tokens)
+    return {"tok_s": n / wall, "tokens": n, **{g: counts[g] / n for g in GROUPS}, "all": sum(counts.values()) / n}
 
 
 def perf_usable() -> str | None:
@@ -106,6 +120,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=6, help="windows per server (default 6)")
     ap.add_argument("--window", type=float, default=8.0, help="seconds of generation per window (default 8)")
     ap.add_argument("--freq", type=int, default=999, help="perf samples per second per thread (default 999)")
+    ap.add_argument("--clients", type=int, default=1, help="clients generating at once (default 1)")
     ap.add_argument("--twin", action="store_true", help="also a second llama-server, the noise floor")
     args = ap.parse_args()
     why = perf_usable()
@@ -128,13 +143,13 @@ def main() -> int:
             for i in range(2):
                 p.complete(sessions[p.name], text_of(words, f"Note {i}:"), 1)
             p.complete(sessions[p.name], PROMPT, N_GEN)
-        print(f"{Path(model).name}: {args.threads} threads, {args.reps} windows of {args.window:.0f} s per server, "
+        print(f"{Path(model).name}: {args.threads} threads, {args.clients} client(s), {args.reps} windows of {args.window:.0f} s per server, "
               f"perf at {args.freq} Hz; load average {os.getloadavg()[0]:.2f}", flush=True)
         with tempfile.TemporaryDirectory(prefix="llamabox-perf-") as tmp:
             for r in range(args.reps):
                 for p in peers[r % len(peers):] + peers[: r % len(peers)]:
                     time.sleep(0.3)  # the previous server's OpenMP threads stop spinning
-                    w = window(p, sessions[p.name], args.window, args.freq, Path(tmp) / "perf.data")
+                    w = window(p, args.clients, args.window, args.freq, Path(tmp) / "perf.data")
                     windows[p.name].append(w)
                     print(f"  {r + 1}  {p.name:15} {w['tok_s']:7.1f} tok/s   samples per token: "
                           + "  ".join(f"{g} {w[g]:5.2f}" for g in GROUPS), flush=True)
@@ -152,8 +167,8 @@ def main() -> int:
               + (" ".join(f"{x:.3f}" for x in ratios) if name != "llama-server" else ""))
     dest = ROOT / "bench" / "out"
     dest.mkdir(exist_ok=True)
-    path = dest / f"perf-split-{Path(model).stem}.json"
-    path.write_text(json.dumps({"model": model, "threads": args.threads, "window_s": args.window, "freq": args.freq,
+    path = dest / (f"perf-split-{Path(model).stem}" + (f"-c{args.clients}" if args.clients > 1 else "") + ".json")
+    path.write_text(json.dumps({"model": model, "threads": args.threads, "clients": args.clients, "window_s": args.window, "freq": args.freq,
                                 "summary": summary, "windows": windows}, indent=2))
     print(f"wrote {path}")
     return 0
