@@ -44,7 +44,8 @@ the project's venv; it runs the venv's llama_cpp, so all three servers run the s
 
 --twin adds a second llama-server, started and measured exactly as the first: its ratios to the
 first are the noise floor of every measure on this machine (the VM's drift, and where each process's
-memory landed), printed beside llamabox's ratios so that a miss can be read against it.
+memory landed), printed in a table of their own after llamabox's, so that a miss can be read
+against them.
 
 Writes bench/out/peers-<model>[-<kv type>].json.
 """

@@ -13,8 +13,9 @@ divided by the tokens made (at 999 Hz a sample is about 1 ms of CPU):
            functions at the same offsets), so more samples per token here means the same work ran
            slower in that process, not that it did more work.
   openmp   libgomp: the thread team's barriers, and its threads spinning between kernels.
-  python   the interpreter, ctypes and libffi: llamabox's own per-step work (the scheduler, its
-           calls into llama.cpp, detokenising, HTTP). llama-server has none.
+  python   the interpreter, its C extension modules (ctypes, json, sockets, numpy) and libffi:
+           llamabox's own per-step work (the scheduler, its calls into llama.cpp, detokenising,
+           HTTP), less what those spend in libc, which counts under other. llama-server has none.
   other    the rest: the kernel, libc, libm, libllama, libggml-base, the C++ server.
 --twin adds a second llama-server, 'llama-server-2', the noise floor: the same binary twice.
 Prints per-arm medians, and each window's tok/s ratio to llama-server's window in the same rep.
@@ -47,6 +48,9 @@ from bench.llama_server_build import build as build_llama_server  # noqa: E402
 from bench.peers import Peer, llama_server_peer, llamabox_peer, long_prompt_words, text_of  # noqa: E402
 
 GROUPS = ("ggml", "openmp", "python", "other")
+# cpu-clock, not perf's default (cycles where the CPU has counters): a sample is then 1/freq s of
+# CPU time on any machine. No build-id cache: it would copy every library sampled into ~/.debug.
+PERF_RECORD = ("-q", "-e", "cpu-clock", "--no-buildid-cache")
 PROMPT, N_GEN = "Once upon a time", 128
 
 
@@ -55,7 +59,7 @@ def group_of(dso: str) -> str:
         return "ggml"
     if dso.startswith("libgomp"):
         return "openmp"
-    if dso.startswith(("libpython", "python", "_ctypes", "libffi")):
+    if dso.startswith(("libpython", "python", "libffi")) or ".cpython-" in dso:  # C extensions: _ctypes, _json, numpy
         return "python"
     return "other"
 
@@ -75,19 +79,23 @@ def samples_by_group(data: Path) -> dict[str, int]:
 def window(p: Peer, clients: int, seconds: float, freq: int, data: Path) -> dict:
     """`clients` clients generate for `seconds` under perf (requests in flight then run to their
     end, still sampled); tok/s and samples per generated token by group."""
-    rec = subprocess.Popen(["perf", "record", "-q", "-F", str(freq), "-p", str(p.proc.pid), "-o", str(data)],
+    rec = subprocess.Popen(["perf", "record", *PERF_RECORD, "-F", str(freq), "-p", str(p.proc.pid), "-o", str(data)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)  # perf attaches to every thread before the first request
     tokens = [0] * clients
+    failed: list[BaseException] = []
     t = time.perf_counter()
 
     def client(i: int) -> None:
         s, j = requests.Session(), 0
-        while time.perf_counter() - t < seconds:
-            # one client: always the same short prompt (peers' gen1); several: each its own, as peers' clientsK
-            prompt = PROMPT if clients == 1 else f"Story {i} {j}: {PROMPT.lower()}"
-            tokens[i] += p.complete(s, prompt, N_GEN).completion_tokens
-            j += 1
+        try:
+            while time.perf_counter() - t < seconds:
+                # one client: always the same short prompt (peers' gen1); several: each its own, as peers' clientsK
+                prompt = PROMPT if clients == 1 else f"Story {i} {j}: {PROMPT.lower()}"
+                tokens[i] += p.complete(s, prompt, N_GEN).completion_tokens
+                j += 1
+        except BaseException as e:  # Peer.complete raises SystemExit, which a thread would drop silently
+            failed.append(e)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     [x.start() for x in threads]
@@ -96,19 +104,37 @@ def window(p: Peer, clients: int, seconds: float, freq: int, data: Path) -> dict
     rec.send_signal(signal.SIGINT)  # perf writes its file, then exits by re-raising the signal
     if rec.wait(60) not in (0, -signal.SIGINT):
         raise SystemExit(f"perf record exited with {rec.returncode} while sampling {p.name}")
+    if failed:
+        raise SystemExit(f"{p.name}: a client failed while perf was sampling: {failed[0]}")
     counts = samples_by_group(data)
     n = sum(tokens)
+    if n == 0:
+        raise SystemExit(f"{p.name} generated no tokens in a {seconds:.0f} s window")
     return {"tok_s": n / wall, "tokens": n, **{g: counts[g] / n for g in GROUPS}, "all": sum(counts.values()) / n}
 
 
 def perf_usable() -> str | None:
-    """Why perf cannot sample another process here, or None."""
+    """Why perf cannot sample another running process here, as window() does, or None."""
     if shutil.which("perf") is None:
         return "perf is not installed (Debian: apt-get install linux-perf)"
-    r = subprocess.run(["perf", "record", "-q", "-o", os.devnull, "--", "true"], capture_output=True, text=True)
+    target = subprocess.Popen(["sleep", "5"])
+    try:
+        r = subprocess.run(["perf", "record", *PERF_RECORD, "-p", str(target.pid), "-o", os.devnull, "--", "sleep", "0.2"],
+                           capture_output=True, text=True)
+    finally:
+        target.kill()
+        target.wait()
     if r.returncode != 0:
-        return f"perf cannot record here: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}"
+        return f"perf cannot attach to a process here: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}"
     return None
+
+
+def kernel_samples_excluded() -> bool:
+    """kernel.perf_event_paranoid > 1 keeps an unprivileged user's samples to user space."""
+    try:
+        return os.geteuid() != 0 and int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) > 1
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> int:
@@ -127,6 +153,9 @@ def main() -> int:
     if why:
         print(f"bench/perf_split.py skipped: {why}")
         return 0
+    if kernel_samples_excluded():
+        print("note: kernel.perf_event_paranoid > 1 and not root, so perf samples user space only: 'other' lacks "
+              "kernel time")
     model = str(Path(args.model).resolve())
     binary = build_llama_server()
     shape = (model, args.threads, args.ctx, args.parallel, None)
