@@ -26,7 +26,8 @@ test: $(STAMP)
 # ~14 min to make, convert and quantize the checkpoint, ~40 min of measuring, then bench/peers.py,
 # llamabox against llama.cpp's llama-server built from the pinned sdist, every measure fresh and
 # steady: ~40 min on SmolLM2 (with a second llama-server, the noise floor), ~75 min on the 1.1B
-# (5 rounds of ~15 min), ~100 min on the 7B; bench/perf_split.py's profile per token, 1 and 4 clients, ~8 min).
+# (5 rounds of ~15 min), ~100 min on the 7B; bench/perf_split.py's profile per token, 1 and 4
+# clients, ~8 min).
 bench: $(STAMP) $(SMOL)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)

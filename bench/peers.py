@@ -445,12 +445,17 @@ def long_prompt_words(peer: Peer, target_tokens: int = 499) -> int:
     return n
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """What every server in a bench is started with (bench/perf_split.py takes the same)."""
     ap.add_argument("--model", required=True, help="GGUF path")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--parallel", type=int, default=8)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_args(ap)
     ap.add_argument("--rounds", type=int, help="default 5, 3 with --quick")
     ap.add_argument("--n-gen", type=int, help="tokens per request (default 128, 64 with --quick)")
     ap.add_argument("--per-client", type=int, help="requests each client sends in a client measure (default 2, 1 with --quick)")

@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.llama_server_build import build as build_llama_server  # noqa: E402
-from bench.peers import Peer, llama_server_peer, llamabox_peer, long_prompt_words, text_of  # noqa: E402
+from bench.peers import (Peer, add_server_args, llama_server_peer, llamabox_peer, long_prompt_words,  # noqa: E402
+                         text_of)
 
 GROUPS = ("ggml", "openmp", "python", "other")
 # cpu-clock, not perf's default (cycles where the CPU has counters): a sample is then 1/freq s of
@@ -139,10 +140,7 @@ def kernel_samples_excluded() -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="GGUF path")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--parallel", type=int, default=8)
+    add_server_args(ap)
     ap.add_argument("--reps", type=int, default=6, help="windows per server (default 6)")
     ap.add_argument("--window", type=float, default=8.0, help="seconds of generation per window (default 8)")
     ap.add_argument("--freq", type=int, default=999, help="perf samples per second per thread (default 999)")
