@@ -187,6 +187,9 @@ def llamabox_peer(model: str, threads: int, ctx: int, parallel: int, kv_type: st
     return Peer(name, argv, "--port", cwd=root)
 
 
+TWIN = "llama-server-2"  # --twin's second llama-server: its ratios to the first are the noise floor
+
+
 def llama_server_peer(binary: Path, model: str, threads: int, ctx: int, parallel: int, kv_type: str | None,
                       name: str = "llama-server") -> Peer:
     # -np N with --kv-unified: one pool of ctx cells for all slots, as llamabox has (llama-server's
@@ -485,7 +488,7 @@ def main() -> int:
         peers.append(llamabox_peer(model, args.threads, args.ctx, args.parallel, args.kv_type, args.baseline.resolve(),
                                    "llamabox-base"))
     if args.twin:
-        peers.append(llama_server_peer(binary, model, args.threads, args.ctx, args.parallel, args.kv_type, "llama-server-2"))
+        peers.append(llama_server_peer(binary, model, args.threads, args.ctx, args.parallel, args.kv_type, TWIN))
     if args.python_server:
         peers.append(llama_cpp_python_peer(model, args.threads, args.ctx))
     try:
@@ -512,7 +515,7 @@ def main() -> int:
         for m, s in summary[f"{a} / {b}"].items():
             target = "<= 1" if s["lower_is_better"] else ">= 1"
             met = (s["median"] <= 1) if s["lower_is_better"] else (s["median"] >= 1)
-            if a == "llama-server-2":  # the same server twice: no target, only the spread
+            if a == TWIN:  # the same server twice: no target, only the spread
                 verdict = "noise floor"
             else:
                 verdict = "information" if m in INFORMATION else f"{target} {'met' if met else 'MISSED'}"

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.llama_server_build import build as build_llama_server  # noqa: E402
-from bench.peers import (Peer, add_server_args, llama_server_peer, llamabox_peer, long_prompt_words,  # noqa: E402
-                         text_of)
+from bench.peers import (TWIN, Peer, add_server_args, llama_server_peer, llamabox_peer,  # noqa: E402
+                         long_prompt_words, text_of)
 
 GROUPS = ("ggml", "openmp", "python", "other")
 # cpu-clock, not perf's default (cycles where the CPU has counters): a sample is then 1/freq s of
@@ -159,7 +159,7 @@ def main() -> int:
     shape = (model, args.threads, args.ctx, args.parallel, None)
     peers = [llamabox_peer(*shape), llama_server_peer(binary, *shape)]
     if args.twin:
-        peers.append(llama_server_peer(binary, *shape, name="llama-server-2"))
+        peers.append(llama_server_peer(binary, *shape, name=TWIN))
     windows: dict[str, list[dict]] = {p.name: [] for p in peers}
     try:
         for p in peers:
