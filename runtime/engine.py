@@ -227,6 +227,7 @@ def load(
     compute=None,
     kv_type: str = "f16",
     abort=None,
+    huge_pages: bool = True,
 ) -> Runtime:
     """Load a GGUF. n_ctx=0 takes the model's training context (at most 4096).
 
@@ -237,12 +238,13 @@ def load(
     n_gpu_layers: layers to offload to Metal/CUDA, -1 all; None: all when the build sees a GPU, else none.
     kv_type: the KV cache's element type (runtime.kv_types.KV_CACHE_TYPES); q8_0 halves its memory.
     abort: a callable asked while the weights load; True stops the load with ModelLoadError.
+    huge_pages: ask Linux for 2 MiB pages for the weights (runtime/hugepages.py).
     """
     path = Path(path)
     model_id = model_id or path.stem
     t0 = time.monotonic()
     config = LoadConfig(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_seq_max=n_parallel + n_cache,
-                        use_mmap=use_mmap, kv_type=kv_type)
+                        use_mmap=use_mmap, kv_type=kv_type, huge_pages=huge_pages)
     model = LlamaModel(path, config, abort)
     try:
         template = _chat_template(model, chat, chat_template)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .backends import gpu_memory, load_backends
 from .errors import BackendError, InvalidParameter, KVCacheFull, LoadStopped, ModelLoadError
+from .hugepages import WeightPages
 from .params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class LoadConfig:
                                # types that are not repacked faster and lets processes share them.
     kv_type: str = "f16"       # element type of the K and V cache (runtime/kv_types.py). Quantized types
                                # turn flash attention on (llama.cpp needs it for a quantized V cache)
+    huge_pages: bool = True    # ask Linux for 2 MiB pages for the weights read into memory
+                               # (runtime/hugepages.py); no effect with use_mmap, or where THP is not "madvise"
 
 
 def backend_name() -> str:
@@ -118,10 +121,26 @@ class LlamaModel:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-        if abort is not None:  # llama.h: loading goes on while the callback returns true
-            progress = llama_cpp.llama_progress_callback(lambda _fraction, _user_data: not abort())
+        # Not with offloading: the GPU driver maps host memory of its own while the load runs.
+        pages = WeightPages() if config.huge_pages and not config.use_mmap and gpu_layers == 0 else None
+        if abort is not None or pages is not None:
+            def on_progress(_fraction: float, _user_data) -> bool:
+                # Called before each tensor is read, the first time after every buffer is allocated.
+                # llama.h: loading goes on while this returns true (an exception here would read as false).
+                if pages is not None:
+                    pages.advise()
+                return abort is None or not abort()
+
+            progress = llama_cpp.llama_progress_callback(on_progress)
             mparams.progress_callback = progress  # (the local keeps it alive until the load returns)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self.huge_page_bytes = pages.advised if pages is not None else 0  # weights given MADV_HUGEPAGE
+        if self.huge_page_bytes:
+            log.info("asked for 2 MiB pages for %d MiB of %s's weights (THP %s)", self.huge_page_bytes >> 20, self.path.name,
+                     pages.mode)
+        elif pages is not None and pages.mode == "madvise":
+            log.debug("%s's weights are in memory this process had before the load: left on the pages they have",
+                      self.path.name)
         if not self._model and abort is not None and abort():
             raise LoadStopped(f"loading {self.path} was stopped")
         if not self._model:

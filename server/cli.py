@@ -86,7 +86,7 @@ def _load_runtime(path: Path, model_id: str, settings: Settings, chat: bool | No
                                                     f"{getattr(e, 'strerror', None) or e}") from None
     gpu_layers = settings.gpu_layers if settings.gpu_layers is not None else _fit_gpu_layers(path, model_id, settings)
     return load(path, n_ctx=settings.n_ctx, n_threads=settings.threads, n_gpu_layers=gpu_layers, model_id=model_id,
-                use_mmap=settings.mmap, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
+                use_mmap=settings.mmap, huge_pages=settings.huge_pages, n_parallel=settings.n_parallel, queue_size=settings.queue_size,
                 prefill_chunk=settings.prefill_chunk, chat=chat, chat_template=template, compute=compute,
                 kv_type=settings.kv_type, abort=abort)
 
@@ -188,7 +188,7 @@ def cmd_serve(args) -> int:
     settings = Settings(
         models=tuple(refs), host=args.host, port=args.port, api_keys=read_api_keys(args.api_key_file),
         insecure_no_auth=args.insecure_no_auth, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, kv_type=args.kv_type,
-        mmap=args.mmap, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
+        mmap=args.mmap, huge_pages=not args.no_huge_pages, n_parallel=args.parallel, queue_size=args.queue_size, request_timeout_s=args.timeout,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, read_timeout_s=args.read_timeout,
         prefill_chunk=args.prefill_chunk, chat_template=args.chat_template, no_chat=args.no_chat,
         drain_timeout_s=args.drain_timeout, metrics_public=args.metrics_public, log_format=args.log_format, ui=not args.no_ui,
@@ -349,6 +349,7 @@ def cmd_generate(args) -> int:
     if args.system is not None:
         body["system_prompt"] = args.system
     settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
+                        huge_pages=not args.no_huge_pages,
                         chat_template=args.chat_template, no_chat=args.no_chat, kv_type=args.kv_type)
     settings.check()
     path, model_id, _, chat, _ = resolve_model(args.model, Store())
@@ -381,6 +382,7 @@ def cmd_chat(args) -> int:
     from server.validation import as_float, as_int
 
     settings = Settings(threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, mmap=args.mmap,
+                        huge_pages=not args.no_huge_pages,
                         chat_template=args.chat_template, no_chat=args.no_chat, kv_type=args.kv_type)
     settings.check()
     temperature = as_float("temperature", args.temperature, 0.0, 5.0)
@@ -620,6 +622,9 @@ def _add_model_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--mmap", action="store_true",
                    help="map the model file instead of reading it: faster loads for types llama.cpp does not "
                         "repack, but Q4_0/Q4_K/IQ4_NL then count twice in RAM")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="leave the weights read into memory on 4 KiB pages (default on Linux with THP in 'madvise' "
+                        "mode: ask for 2 MiB pages, fewer TLB misses per token)")
     p.add_argument("--ctx", type=int, default=0,
                    help="context size in tokens, shared by running sequences (default: the model's, at most 4096)")
     p.add_argument("--kv-type", default="f16",

@@ -25,6 +25,7 @@ class Settings:
     threads: int = 0                  # llama.cpp threads; 0 = all cores
     gpu_layers: int | None = None     # layers offloaded to Metal/CUDA; -1 = all; None = all if there is a GPU
     mmap: bool = False                # map the GGUF instead of reading it (see runtime.model.LoadConfig.use_mmap)
+    huge_pages: bool = True           # ask Linux for 2 MiB pages for the weights read (runtime/hugepages.py)
     n_ctx: int = 0                    # context (KV cells) shared by running sequences; 0 = the model's (<= 4096)
     kv_type: str = "f16"              # KV cache element type (runtime.kv_types.KV_CACHE_TYPES): f16, q8_0, q4_0, ...
     n_parallel: int = 4               # sequences decoded together; also caps num_return_sequences
