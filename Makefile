@@ -27,14 +27,16 @@ test: $(STAMP)
 # llamabox against llama.cpp's llama-server built from the pinned sdist, every measure fresh and
 # steady: ~40 min on SmolLM2 (with a second llama-server, the noise floor), ~75 min on the 1.1B
 # (5 rounds of ~15 min), ~100 min on the 7B; bench/perf_split.py's profile per token, 1 and 4
-# clients, ~8 min).
+# clients, ~8 min; bench/hugepages.py, 2 MiB against 4 KiB pages, ~4 min on SmolLM2, ~12 on the 7B).
 bench: $(STAMP) $(SMOL)
 	$(PY) bench/synth7b.py --dir bench/scratch
 	$(PY) bench/run.py --model bench/scratch/synth7b.q4_k_m.gguf $(ARGS)
 	$(PY) bench/synth7b.py --shape tinyllama-1.1b --dir bench/scratch --if-missing
 	$(PY) bench/peers.py --model $(SMOL) --twin
-	$(PY) bench/perf_split.py --model $(SMOL) --twin
+	$(PY) bench/perf_split.py --model $(SMOL) --twin --by-kernel
 	$(PY) bench/perf_split.py --model $(SMOL) --twin --clients 4
+	$(PY) bench/hugepages.py --model $(SMOL)
+	$(PY) bench/hugepages.py --model bench/scratch/synth7b.q4_k_m.gguf --rounds 8 --n-gen 32 --reps 2
 	$(PY) bench/peers.py --model bench/scratch/synth1b.q4_k_m.gguf
 	$(PY) bench/peers.py --model bench/scratch/synth7b.q4_k_m.gguf --rounds 3 --per-client 1
 

@@ -18,6 +18,12 @@ divided by the tokens made (at 999 Hz a sample is about 1 ms of CPU):
            HTTP), less what those spend in libc, which counts under other. llama-server has none.
   other    the rest: the kernel, libc, libm, libllama, libggml-base, the C++ server.
 --twin adds a second llama-server, 'llama-server-2', the noise floor: the same binary twice.
+--env-peer NAME=VALUE adds another llama-server, 'llama-server+env', with that variable in its
+environment (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 gives it huge pages, as llamabox asks for).
+--by-kernel also splits the ggml samples by function (the 12 costliest, ms per token). The pip-built
+libggml-cpu that llamabox loads is stripped, so every server's samples are named from the llama-server
+build's unstripped copy: the two builds compile the same sources with the same flags into the same
+layout, which this checks (.text at the same address, of the same size) before it trusts the names.
 Prints per-arm medians, and each window's tok/s ratio to llama-server's window in the same rep.
 Needs perf (Debian: linux-perf) and the right to attach to a process (root, or
 kernel.perf_event_paranoid <= 1); without them it says so and exits 0, as make bench goes on.
@@ -26,6 +32,7 @@ Writes bench/out/perf-split-<model>[-c<clients>].json.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -77,7 +84,45 @@ def samples_by_group(data: Path) -> dict[str, int]:
     return counts
 
 
-def window(p: Peer, clients: int, seconds: float, freq: int, data: Path) -> dict:
+class KernelNames:
+    """Function names for offsets into libggml-cpu, from an unstripped build of the same layout."""
+
+    def __init__(self, unstripped: Path, loaded: Path):
+        if self._text(unstripped) != self._text(loaded):
+            raise SystemExit(f"--by-kernel: {loaded} and {unstripped} differ in layout (.text), so one cannot name the "
+                             "other's samples")
+        nm = subprocess.run(["nm", "-n", "--defined-only", "-C", str(unstripped)], capture_output=True, text=True,
+                            check=True).stdout
+        rows = [line.split(" ", 2) for line in nm.splitlines()]
+        rows = [(int(r[0], 16), r[2]) for r in rows if len(r) == 3 and r[1] in "tTwW"]
+        self.starts, self.names = [a for a, _ in rows], [n for _, n in rows]
+
+    @staticmethod
+    def _text(lib: Path) -> tuple[str, str] | None:
+        out = subprocess.run(["readelf", "-S", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"\.text\s+PROGBITS\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out)
+        return (m.group(1), m.group(2)) if m else None
+
+    def count(self, data: Path) -> dict[str, int]:
+        """Samples per libggml-cpu function in a perf.data file: the library's executable mapping
+        (from the mmap events) turns each sample's address into a file offset, named by nm."""
+        out = subprocess.run(["perf", "script", "-i", str(data), "--show-mmap-events", "-F", "ip,dso"],
+                             capture_output=True, text=True, check=True).stdout
+        base, counts = None, {}
+        for line in out.splitlines():
+            m = re.search(r"\[(0x[0-9a-f]+)\(0x[0-9a-f]+\) @ (0x[0-9a-f]+) .*r-xp \S*libggml-cpu", line)
+            if m:  # PERF_RECORD_MMAP2 ...: [start(len) @ file offset ...]: r-xp path
+                base = int(m.group(1), 16) - int(m.group(2), 16)
+                continue
+            m = re.match(r"\s*([0-9a-f]+) \((\S*libggml-cpu\S*)\)", line)
+            if m and base is not None:
+                i = bisect.bisect_right(self.starts, int(m.group(1), 16) - base) - 1
+                name = self.names[i] if i >= 0 else "?"
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def window(p: Peer, clients: int, seconds: float, freq: int, data: Path, kernels: KernelNames | None = None) -> dict:
     """`clients` clients generate for `seconds` under perf (requests in flight then run to their
     end, still sampled); tok/s and samples per generated token by group."""
     rec = subprocess.Popen(["perf", "record", *PERF_RECORD, "-F", str(freq), "-p", str(p.proc.pid), "-o", str(data)],
@@ -111,7 +156,10 @@ def window(p: Peer, clients: int, seconds: float, freq: int, data: Path) -> dict
     n = sum(tokens)
     if n == 0:
         raise SystemExit(f"{p.name} generated no tokens in a {seconds:.0f} s window")
-    return {"tok_s": n / wall, "tokens": n, **{g: counts[g] / n for g in GROUPS}, "all": sum(counts.values()) / n}
+    out = {"tok_s": n / wall, "tokens": n, **{g: counts[g] / n for g in GROUPS}, "all": sum(counts.values()) / n}
+    if kernels is not None:
+        out["kernels"] = {k: v / n for k, v in kernels.count(data).items()}
+    return out
 
 
 def perf_usable() -> str | None:
@@ -146,6 +194,8 @@ def main() -> int:
     ap.add_argument("--freq", type=int, default=999, help="perf samples per second per thread (default 999)")
     ap.add_argument("--clients", type=int, default=1, help="clients generating at once (default 1)")
     ap.add_argument("--twin", action="store_true", help="also a second llama-server, the noise floor")
+    ap.add_argument("--by-kernel", action="store_true", help="also split the ggml samples by function")
+    ap.add_argument("--env-peer", metavar="NAME=VALUE", help="also a llama-server with this environment variable")
     args = ap.parse_args()
     why = perf_usable()
     if why:
@@ -156,10 +206,21 @@ def main() -> int:
               "kernel time")
     model = str(Path(args.model).resolve())
     binary = build_llama_server()
+    kernels = None
+    if args.by_kernel:
+        import llama_cpp
+
+        kernels = KernelNames(binary.parent / "libggml-cpu.so", Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so")
     shape = (model, args.threads, args.ctx, args.parallel, None)
     peers = [llamabox_peer(*shape), llama_server_peer(binary, *shape)]
     if args.twin:
         peers.append(llama_server_peer(binary, *shape, name=TWIN))
+    if args.env_peer:
+        key, sep, value = args.env_peer.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env-peer: expected NAME=VALUE, got {args.env_peer!r}")
+        peers.append(llama_server_peer(binary, *shape, name="llama-server+env"))
+        peers[-1].env = {key: value}
     windows: dict[str, list[dict]] = {p.name: [] for p in peers}
     try:
         for p in peers:
@@ -176,7 +237,7 @@ def main() -> int:
             for r in range(args.reps):
                 for p in peers[r % len(peers):] + peers[: r % len(peers)]:
                     time.sleep(0.3)  # the previous server's OpenMP threads stop spinning
-                    w = window(p, args.clients, args.window, args.freq, Path(tmp) / "perf.data")
+                    w = window(p, args.clients, args.window, args.freq, Path(tmp) / "perf.data", kernels)
                     windows[p.name].append(w)
                     print(f"  {r + 1}  {p.name:15} {w['tok_s']:7.1f} tok/s   samples per token: "
                           + "  ".join(f"{g} {w[g]:5.2f}" for g in GROUPS), flush=True)
@@ -192,6 +253,16 @@ def main() -> int:
         summary[name] = {**med, "ratios": ratios}
         print(f"  {name:15} {med['tok_s']:7.1f}  " + "".join(f"{med[g]:8.2f}" for g in GROUPS) + f"{med['all']:8.2f}   "
               + (" ".join(f"{x:.3f}" for x in ratios) if name != "llama-server" else ""))
+    if kernels is not None:
+        names = sorted({k for ws in windows.values() for w in ws for k in w["kernels"]},
+                       key=lambda k: -statistics.median(w["kernels"].get(k, 0) for w in base))[:12]
+        width = max(16, *(len(n) + 2 for n in windows))
+        print(f"\n  {'ggml function, median ms/token':48}" + "".join(f"{n:>{width}}" for n in windows))
+        for k in names:
+            meds = [statistics.median(w["kernels"].get(k, 0) for w in ws) for ws in windows.values()]
+            print(f"  {k[:48]:48}" + "".join(f"{m:{width}.2f}" for m in meds))
+            for name, m in zip(windows, meds):
+                summary[name].setdefault("kernels", {})[k] = m
     dest = ROOT / "bench" / "out"
     dest.mkdir(exist_ok=True)
     path = dest / (f"perf-split-{Path(model).stem}" + (f"-c{args.clients}" if args.clients > 1 else "") + ".json")
