@@ -85,23 +85,46 @@ def samples_by_group(data: Path) -> dict[str, int]:
 
 
 class KernelNames:
-    """Function names for offsets into libggml-cpu, from an unstripped build of the same layout."""
+    """Function names for offsets into the libggml-cpu both servers load, from an unstripped build
+    of the same code. make() says why not (and returns None) when the two cannot be matched."""
 
-    def __init__(self, unstripped: Path, loaded: Path):
-        if self._text(unstripped) != self._text(loaded):
-            raise SystemExit(f"--by-kernel: {loaded} and {unstripped} differ in layout (.text), so one cannot name the "
-                             "other's samples")
+    def __init__(self, unstripped: Path, stem: str):
         nm = subprocess.run(["nm", "-n", "--defined-only", "-C", str(unstripped)], capture_output=True, text=True,
                             check=True).stdout
         rows = [line.split(" ", 2) for line in nm.splitlines()]
         rows = [(int(r[0], 16), r[2]) for r in rows if len(r) == 3 and r[1] in "tTwW"]
         self.starts, self.names = [a for a, _ in rows], [n for _, n in rows]
+        self.stem = stem  # "libggml-cpu" (or a portable build's "libggml-cpu-haswell"): which samples are named
+        self._mmap = re.compile(r"\[(0x[0-9a-f]+)\(0x[0-9a-f]+\) @ (0x[0-9a-f]+|0) .*r-xp \S*/" + re.escape(stem) + r"\.so")
+        self._sample = re.compile(r"\s*([0-9a-f]+) \(\S*/" + re.escape(stem) + r"\.so\S*\)")
+
+    @classmethod
+    def make(cls, unstripped: Path, loaded: Path) -> KernelNames | None:
+        """Names from `unstripped` are valid for `loaded` when both have the same functions at the same
+        addresses (their unwind tables' ranges, readelf -wf) and .text sits at its file offset (so a
+        sample's offset in the file is its address)."""
+        why = None
+        layouts = [cls._layout(unstripped), cls._layout(loaded)]
+        if None in layouts:
+            why = "cannot read .text's address and offset (readelf)"
+        elif any(text[0] != text[1] for text, _ in layouts):
+            why = ".text is not at its file offset"
+        elif layouts[0] != layouts[1]:
+            why = "the two builds lay their functions out differently"
+        if why:
+            print(f"note: --by-kernel skipped: {loaded} against {unstripped}: {why}")
+            return None
+        return cls(unstripped, Path(loaded).name.split(".")[0])
 
     @staticmethod
-    def _text(lib: Path) -> tuple[str, str] | None:
-        out = subprocess.run(["readelf", "-S", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"\.text\s+PROGBITS\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out)
-        return (m.group(1), m.group(2)) if m else None
+    def _layout(lib: Path) -> tuple[tuple[int, int, int], tuple[str, ...]] | None:
+        """((.text address, offset, size), every FDE's pc range) of a shared object."""
+        sections = subprocess.run(["readelf", "-S", "-W", str(lib)], capture_output=True, text=True).stdout
+        m = re.search(r"\.text\s+PROGBITS\s+([0-9a-f]+)\s+([0-9a-f]+)\s+([0-9a-f]+)", sections)
+        if not m:
+            return None
+        frames = subprocess.run(["readelf", "-wf", str(lib)], capture_output=True, text=True).stdout
+        return (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16)), tuple(re.findall(r"pc=(\S+)", frames))
 
     def count(self, data: Path) -> dict[str, int]:
         """Samples per libggml-cpu function in a perf.data file: the library's executable mapping
@@ -110,11 +133,11 @@ class KernelNames:
                              capture_output=True, text=True, check=True).stdout
         base, counts = None, {}
         for line in out.splitlines():
-            m = re.search(r"\[(0x[0-9a-f]+)\(0x[0-9a-f]+\) @ (0x[0-9a-f]+) .*r-xp \S*libggml-cpu", line)
+            m = self._mmap.search(line)
             if m:  # PERF_RECORD_MMAP2 ...: [start(len) @ file offset ...]: r-xp path
                 base = int(m.group(1), 16) - int(m.group(2), 16)
                 continue
-            m = re.match(r"\s*([0-9a-f]+) \((\S*libggml-cpu\S*)\)", line)
+            m = self._sample.match(line)
             if m and base is not None:
                 i = bisect.bisect_right(self.starts, int(m.group(1), 16) - base) - 1
                 name = self.names[i] if i >= 0 else "?"
@@ -208,9 +231,9 @@ def main() -> int:
     binary = build_llama_server()
     kernels = None
     if args.by_kernel:
-        import llama_cpp
+        from runtime import cpu_backend
 
-        kernels = KernelNames(binary.parent / "libggml-cpu.so", Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so")
+        kernels = KernelNames.make(binary.parent / "libggml-cpu.so", Path(cpu_backend().library))
     shape = (model, args.threads, args.ctx, args.parallel, None)
     peers = [llamabox_peer(*shape), llama_server_peer(binary, *shape)]
     if args.twin:

@@ -1,4 +1,4 @@
-"""Transparent huge pages (2 MiB) for the weights llama.cpp reads into memory, on Linux.
+"""Transparent huge pages for the weights llama.cpp reads into memory, on Linux.
 
 Why: every decode step streams every weight once, 3.8 GiB for a 7B Q4_K_M: a million 4 KiB pages,
 a TLB miss each (a two-level page walk in a VM). On 2 MiB pages that is two thousand.
@@ -8,14 +8,19 @@ How: llama.cpp reads the weights (load mode "none") into buffers from posix_mema
 serves from fresh anonymous mappings. Most distributions ship THP in "madvise" mode, so those stay
 on 4 KiB pages unless the process asks. llama.cpp allocates every weight buffer before it reads the
 first tensor, and calls the load's progress callback before each tensor (llama-model-loader.cpp,
-load_all_data). At the first call, WeightPages.advise() gives madvise(MADV_HUGEPAGE) to what was
-mapped since the load began; the reads that follow then fault in 2 MiB pages. Nothing is copied or
-collapsed afterwards, so a load costs what it did (or less: 512 times fewer page faults).
+load_all_data). At the first call, WeightPages.advise() gives madvise(MADV_HUGEPAGE) to the large
+anonymous mappings made since the load began; the reads that follow then fault in huge pages. No
+copy at load time (khugepaged may later collapse what still faulted in small, as it does for any
+area so marked). Where fresh huge pages are slow to come by (this VM: see the README), a load can
+take longer; on the 7B it took less.
 
-glibc mmaps every block over its mmap threshold: 128 KiB at first, raised to the size of any
-mapped block the process frees, at most 32 MiB. A weight buffer over 32 MiB, any model worth the
-pages, is always a fresh mapping; a smaller one can reuse memory the process already had, and is
-then left on the pages it has (a model that small fits in the CPU's caches anyway).
+Which mappings: those of at least MIN_ADVISED that appeared during the load. Other threads may map
+memory meanwhile (a server starting its HTTP threads: 8 MiB stacks); the size floor keeps those on
+their own pages. glibc maps a block of its own only when the heap's free top cannot hold it and it
+is over the mmap threshold (128 KiB, raised to the size of any mapped block freed, at most 32 MiB;
+the top keeps up to twice that), so a weight buffer over 64 MiB is always a fresh mapping, and a
+smaller one may reuse memory the process had and then keeps the pages it has (a model that small
+gains little: most of it fits in the CPU's last-level cache).
 
 Not covered: the KV cache and compute buffers (made and zeroed when the context is created, with no
 callback in between; a step reads only the KV cells in use), mapped loads (--mmap: page cache pages,
@@ -33,9 +38,20 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-HUGE = 2 << 20           # x86-64 and arm64 PMD size with 4 KiB base pages; advise only whole ones
+THP = Path("/sys/kernel/mm/transparent_hugepage")
 MADV_HUGEPAGE = 14       # linux/mman-common.h
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MIN_ADVISED = 16 << 20   # smaller new mappings (thread stacks, malloc arenas' pieces) are left alone
+
+
+def _pmd_size() -> int:
+    """The huge page size THP uses (2 MiB on x86-64; 32 or 512 MiB on arm64 with 16 or 64 KiB pages)."""
+    try:
+        return int((THP / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _pmd_size()       # advise only whole ones
 _MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) rw.p [0-9a-f]+ \S+ 0\s*$")  # anonymous: inode 0, no path
 
 
@@ -70,7 +86,7 @@ def whole_huge_pages(a: int, b: int) -> tuple[int, int] | None:
 def thp_mode() -> str | None:
     """'always', 'madvise' or 'never' (the bracketed word in sysfs); None where there is no THP."""
     try:
-        m = re.search(r"\[(\w+)\]", THP_MODE.read_text())
+        m = re.search(r"\[(\w+)\]", (THP / "enabled").read_text())
     except OSError:
         return None
     return m.group(1) if m else None
@@ -86,38 +102,40 @@ def anon_huge_bytes() -> int | None:
 
 
 def _read_maps() -> list[tuple[int, int]] | None:
-    try:
-        return anonymous_mappings(Path("/proc/self/maps").read_text())
+    try:  # a mapped file's name need not be UTF-8
+        return anonymous_mappings(Path("/proc/self/maps").read_bytes().decode("utf-8", "replace"))
     except OSError:
         return None
 
 
 class WeightPages:
     """One load's huge-page request: made before llama_model_load_from_file, advise() called from its
-    progress callback (the loading thread), idempotent after the first call."""
+    progress callback (the loading thread), a no-op after the first call. `active` is False where
+    there is nothing to ask (no Linux THP, THP "always" (the buffers get huge pages anyway) or
+    "never", no /proc/self/maps); the load then needs no callback for it."""
 
     def __init__(self) -> None:
-        mode = thp_mode() if sys.platform.startswith("linux") else None
-        # "always" backs the buffers already; "never" refuses; no THP at all: nothing to ask.
-        self._before = _read_maps() if mode == "madvise" else None
-        self.mode = mode
+        self.mode = thp_mode() if sys.platform.startswith("linux") else None
+        self._before = _read_maps() if self.mode == "madvise" else None
+        self.active = self._before is not None
         self.advised = 0  # bytes given MADV_HUGEPAGE
 
     def advise(self) -> None:
         before, self._before = self._before, None
-        if before is None:
-            return
-        after = _read_maps()
-        libc = ctypes.CDLL(None, use_errno=True)  # this process's symbols: libc's madvise on Linux
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        after = _read_maps() if before is not None else None
         if after is None:
             return
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's symbols: libc's madvise on Linux
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         for a, b in new_ranges(before, after):
-            span = whole_huge_pages(a, b)
+            span = whole_huge_pages(a, b) if b - a >= MIN_ADVISED else None
             if span is None:
                 continue
-            if libc.madvise(span[0], span[1] - span[0], MADV_HUGEPAGE) != 0:
-                err = ctypes.get_errno()  # EINVAL: a kernel without THP for this mapping; stop asking
-                log.debug("madvise(MADV_HUGEPAGE) refused: %s", errno.errorcode.get(err, err))
+            if libc.madvise(span[0], span[1] - span[0], MADV_HUGEPAGE) == 0:
+                self.advised += span[1] - span[0]
+                continue
+            err = ctypes.get_errno()
+            log.debug("madvise(MADV_HUGEPAGE) on %d MiB refused: %s", (span[1] - span[0]) >> 20, errno.errorcode.get(err, err))
+            if err == errno.EINVAL:  # this kernel has no THP for such mappings: the rest would be refused too
                 return
-            self.advised += span[1] - span[0]
+            # ENOMEM: another thread unmapped the range since the maps were read; the others still count

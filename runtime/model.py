@@ -123,24 +123,28 @@ class LlamaModel:
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         # Not with offloading: the GPU driver maps host memory of its own while the load runs.
         pages = WeightPages() if config.huge_pages and not config.use_mmap and gpu_layers == 0 else None
+        pages = pages if pages is not None and pages.active else None
+        raised: list[BaseException] = []  # from the callback, which cannot raise into llama.cpp
         if abort is not None or pages is not None:
             def on_progress(_fraction: float, _user_data) -> bool:
                 # Called before each tensor is read, the first time after every buffer is allocated.
-                # llama.h: loading goes on while this returns true (an exception here would read as false).
-                if pages is not None:
-                    pages.advise()
-                return abort is None or not abort()
+                # llama.h: loading goes on while this returns true. An exception cannot cross the C
+                # frames; it is kept, the load is stopped, and it is raised once the load returns.
+                try:
+                    if pages is not None:
+                        pages.advise()
+                    return abort is None or not abort()
+                except BaseException as e:  # KeyboardInterrupt too: Ctrl-C during a load stops it
+                    raised.append(e)
+                    return False
 
             progress = llama_cpp.llama_progress_callback(on_progress)
             mparams.progress_callback = progress  # (the local keeps it alive until the load returns)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        self.huge_page_bytes = pages.advised if pages is not None else 0  # weights given MADV_HUGEPAGE
-        if self.huge_page_bytes:
-            log.info("asked for 2 MiB pages for %d MiB of %s's weights (THP %s)", self.huge_page_bytes >> 20, self.path.name,
-                     pages.mode)
-        elif pages is not None and pages.mode == "madvise":
-            log.debug("%s's weights are in memory this process had before the load: left on the pages they have",
-                      self.path.name)
+        if raised:
+            if self._model:
+                llama_cpp.llama_model_free(self._model)
+            raise raised[0]
         if not self._model and abort is not None and abort():
             raise LoadStopped(f"loading {self.path} was stopped")
         if not self._model:
@@ -148,6 +152,13 @@ class LlamaModel:
             if gpu_layers != 0:
                 why += f", or too little {self.backend} memory for the offloaded layers (--gpu-layers to offload fewer)"
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {why} (see the log)")
+        self.huge_page_bytes = pages.advised if pages is not None else 0  # weights given MADV_HUGEPAGE
+        if self.huge_page_bytes:
+            log.info("asked for huge pages for %d MiB of %s's weights (THP %s)", self.huge_page_bytes >> 20, self.path.name,
+                     pages.mode)
+        elif pages is not None:
+            log.debug("%s's weights are in memory this process had before the load: left on the pages they have",
+                      self.path.name)
         self._ctx = None
         self._batch = None
         try:
