@@ -78,7 +78,7 @@ def new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> l
 
 
 def whole_huge_pages(a: int, b: int) -> tuple[int, int] | None:
-    """The 2 MiB-aligned part of [a, b), or None when it holds no whole huge page."""
+    """The part of [a, b) aligned to HUGE at both ends, or None when it holds no whole huge page."""
     lo, hi = (a + HUGE - 1) & ~(HUGE - 1), b & ~(HUGE - 1)
     return (lo, hi) if hi > lo else None
 
