@@ -32,7 +32,7 @@ PROMPT = "Once upon a time"
 def child(arm: str, model: str, threads: int, n_gen: int, reps: int) -> None:
     sys.path.insert(0, str(ROOT))
     from runtime import GenerationParams, load
-    from runtime.hugepages import anon_huge_bytes
+    from server.pool import proc_value_bytes
 
     t = time.perf_counter()
     rt = load(model, n_ctx=2048, n_threads=threads, n_parallel=4, chat=False, n_gpu_layers=0, huge_pages=arm == "huge")
@@ -46,7 +46,7 @@ def child(arm: str, model: str, threads: int, n_gen: int, reps: int) -> None:
             n = rt.generate(PROMPT, p).completions[0].generated_tokens
             rates.append(n / (time.perf_counter() - t))
             counts.append(n)
-        print(json.dumps({"load_s": load_s, "huge_mib": (anon_huge_bytes() or 0) / 2**20, "tok_s": statistics.median(rates),
+        print(json.dumps({"load_s": load_s, "huge_mib": (proc_value_bytes("/proc/self/smaps_rollup", "AnonHugePages") or 0) / 2**20, "tok_s": statistics.median(rates),
                           "tokens": counts}))
     finally:
         rt.close()

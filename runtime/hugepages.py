@@ -92,15 +92,6 @@ def thp_mode() -> str | None:
     return m.group(1) if m else None
 
 
-def anon_huge_bytes() -> int | None:
-    """This process's anonymous memory on huge pages (AnonHugePages), in bytes; None if unknown."""
-    try:
-        m = re.search(r"^AnonHugePages:\s+(\d+) kB", Path("/proc/self/smaps_rollup").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
 def _read_maps() -> list[tuple[int, int]] | None:
     try:  # a mapped file's name need not be UTF-8
         return anonymous_mappings(Path("/proc/self/maps").read_bytes().decode("utf-8", "replace"))

@@ -83,7 +83,7 @@ class Entry:
         return self.users > 0 or (rt is not None and rt.scheduler.inflight > 0)
 
 
-def _proc_kib(path: str, key: str) -> int | None:
+def proc_value_bytes(path: str, key: str) -> int | None:
     """A 'Key:  123 kB' line of a /proc file, in bytes; None where there is no such file or line."""
     try:
         for line in Path(path).read_text().splitlines():
@@ -96,12 +96,12 @@ def _proc_kib(path: str, key: str) -> int | None:
 
 def rss_bytes() -> int:
     """This process's resident set (VmRSS), or 0 where /proc is missing."""
-    return _proc_kib("/proc/self/status", "VmRSS") or 0
+    return proc_value_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo (bytes); falls back to total physical memory."""
-    return _proc_kib("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return proc_value_bytes("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 DEFAULT_BUDGET_SHARE = 0.8  # --max-memory's default: this share of MemAvailable at start
